@@ -94,7 +94,7 @@ def as_compute(xp, x: Array) -> Array:
 def host_bfloat16_to_float32(x: np.ndarray) -> np.ndarray:
     """Widen an ml_dtypes bfloat16 numpy array to float32 exactly (a 16-bit shift)."""
     bits = np.ascontiguousarray(x).view(np.uint16).astype(np.uint32) << 16
-    return bits.view(np.float32)
+    return bits.view(np.float32).reshape(x.shape)  # ascontiguousarray makes 0-d arrays 1-d
 
 
 def host_float32_to_bfloat16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -124,8 +124,7 @@ class MethodSpec:
                 if isinstance(value, (list, tuple)):
                     if len(value) != n_models:
                         raise InvalidInput(
-                            f"{self.name}: {p.name!r} has {len(value)} values "
-                            f"for {n_models} models"
+                            f"{self.name}: {p.name!r} has {len(value)} values for {n_models} models"
                         )
                     out[p.name] = tuple(p.check(v, self.name) for v in value)
                 else:
@@ -183,7 +182,9 @@ def _via_float32_host(spec, tensors, base, tensor_name, params):
     import numpy as np
 
     widen = backend.host_bfloat16_to_float32
-    if not all(backend.is_numpy_bfloat16(a) for a in tensors + ([base] if base is not None else [])):
+    if not all(
+        backend.is_numpy_bfloat16(a) for a in tensors + ([base] if base is not None else [])
+    ):
         raise InvalidInput(f"{spec.name}: input tensors have different dtypes")
     merged = spec(
         [widen(a) for a in tensors],

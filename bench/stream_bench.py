@@ -1,0 +1,168 @@
+"""Benchmark `mmerge stream` against the I/O floor measured in the same run.
+
+Generates Llama-shaped bf16 models (a base and two fine-tunes) with mmerge.testing, then for
+each method reports wall time, peak RSS and throughput, and the ratio to the I/O floor: the time
+to read the method's inputs from the page cache plus an fsync'd write of the output's size.
+
+    python bench/stream_bench.py                      # 2.2 GB models (hidden 2048, 22 layers)
+    python bench/stream_bench.py --preset small       # ~100 MB models, a quick look
+    python bench/stream_bench.py --methods linear,ties --backend torch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PRESETS = {
+    "llama-1b": {"hidden": 2048, "intermediate": 5632, "layers": 22, "vocab": 32000},
+    "small": {"hidden": 512, "intermediate": 1408, "layers": 8, "vocab": 8000},
+}
+NEEDS_BASE = {
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "model_stock",
+    "sce",
+}
+EXTRA = {
+    "ties": ["--density", "0.5"],
+    "dare_ties": ["--density", "0.5"],
+    "dare_linear": ["--density", "0.5"],
+    "linear": ["--weights", "0.5,0.5"],
+}
+
+
+def model_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def read_seconds(files: list[Path]) -> float:
+    """Time to read `files` from the page cache (after one warming read)."""
+    for f in files:
+        _read(f)
+    start = time.perf_counter()
+    for f in files:
+        _read(f)
+    return time.perf_counter() - start
+
+
+def _read(path: Path, block: int = 16 << 20) -> None:
+    buf = bytearray(block)
+    with open(path, "rb", buffering=0) as fh:
+        while fh.readinto(buf):
+            pass
+
+
+def write_seconds(folder: Path, nbytes: int) -> float:
+    """Time to write `nbytes` and fsync them: the output half of the floor."""
+    path = folder / "floor.bin"
+    block = bytes(16 << 20)
+    start = time.perf_counter()
+    with open(path, "wb", buffering=0) as fh:
+        left = nbytes
+        while left > 0:
+            left -= fh.write(block[: min(left, len(block))])
+        os.fsync(fh.fileno())
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    return elapsed
+
+
+def run_merge(args: list[str]) -> tuple[float, int, int]:
+    """(wall seconds, peak RSS bytes of the child, exit code) of one `mmerge` run."""
+    cmd = [sys.executable, "-m", "mmerge", *args]
+    code = (
+        "import resource, subprocess, sys, time\n"
+        "s = time.perf_counter(); rc = subprocess.call(sys.argv[1:])\n"
+        "print(time.perf_counter() - s, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True)
+    wall, rss_kb, rc = out.stdout.split()[-3:]
+    return float(wall), int(rss_kb) * 1024, int(rc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="llama-1b")
+    ap.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties")
+    ap.add_argument("--backend", default="numpy")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mmerge-bench")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    a = ap.parse_args()
+
+    from mmerge.testing import write_model_family
+
+    shape = PRESETS[a.preset]
+    models = a.cache / a.preset
+    if not (models / "ft2" / "model.safetensors.index.json").exists():
+        print(f"generating {a.preset} models in {models} ...", file=sys.stderr)
+        write_model_family(models, **shape, dtype="BF16", layout="folder")
+    work = a.cache / "out"
+    work.mkdir(parents=True, exist_ok=True)
+    names = {k: model_files(models / k) for k in ("base", "ft1", "ft2")}
+    model_bytes = sum(f.stat().st_size for f in names["ft1"])
+    write_s = write_seconds(work, model_bytes)
+    rows = []
+    for method in a.methods.split(","):
+        inputs = names["ft1"] + names["ft2"] + (names["base"] if method in NEEDS_BASE else [])
+        floor = read_seconds(inputs) + write_s
+        args = [
+            "stream",
+            str(models / "ft1"),
+            str(models / "ft2"),
+            "--method",
+            method,
+            "-o",
+            str(work / method),
+            "--quiet",
+            "--backend",
+            a.backend,
+            *EXTRA.get(method, []),
+        ]
+        if method in NEEDS_BASE:
+            args += ["--base", str(models / "base")]
+        wall, rss, rc = run_merge(args)
+        subprocess.run(["rm", "-rf", str(work / method)], check=False)
+        rows.append(
+            {
+                "method": method,
+                "wall_s": round(wall, 2),
+                "floor_s": round(floor, 2),
+                "ratio": round(wall / floor, 2),
+                "peak_rss_mb": round(rss / 2**20),
+                "throughput_gb_s": round(sum(f.stat().st_size for f in inputs) / wall / 1e9, 2),
+                "exit": rc,
+            }
+        )
+        r = rows[-1]
+        print(
+            f"{method:16s} {r['wall_s']:7.1f} s  floor {r['floor_s']:5.1f} s  "
+            f"{r['ratio']:5.2f}x  peak RSS {r['peak_rss_mb']:5d} MB  "
+            f"{r['throughput_gb_s']:.2f} GB/s in{'  FAILED' if rc else ''}",
+            flush=True,
+        )
+    result = {
+        "preset": a.preset,
+        "shape": shape,
+        "model_bytes": model_bytes,
+        "backend": a.backend,
+        "write_floor_s": round(write_s, 2),
+        "results": rows,
+    }
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

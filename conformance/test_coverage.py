@@ -1,0 +1,35 @@
+"""Every registered method is covered: a case in cases.py and test vectors in spec/vectors/."""
+
+from __future__ import annotations
+
+import pytest
+
+from conformance.cases import CASES
+from conformance.vectors import VECTOR_DIR, load
+from mmerge.methods import all_methods, get
+
+METHODS = sorted(spec.name for spec in all_methods())
+
+
+def test_every_registered_method_has_a_case():
+    missing = sorted(set(METHODS) - set(CASES))
+    assert not missing, f"add a Case for {missing} to conformance/cases.py"
+
+
+def test_every_case_names_a_registered_method():
+    stale = sorted(set(CASES) - set(METHODS))
+    assert not stale, f"conformance/cases.py has cases for unknown methods {stale}"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_case_layouts_are_accepted_by_the_registry(name):
+    spec = get(name)
+    for n, with_base in CASES[name].counts:
+        spec.check_count(n, with_base)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_has_spec_vectors(name):
+    path = VECTOR_DIR / f"{name}.json"
+    assert path.exists(), f"no {path}; run `python conformance/make_vectors.py`"
+    assert load(name)["cases"], f"{path} has no cases"

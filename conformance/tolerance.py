@@ -1,0 +1,60 @@
+"""How close is close enough: the comparisons spec/methods.md states, with readable failures.
+
+`assert_identical` is for what the spec makes bit-exact (elementwise float arithmetic, integer
+masks). `assert_close` allows an error of `rtol * scale` (scale: the largest input magnitude,
+since cancellation makes errors relative to the operands, not the result) plus two units of
+rounding of the output dtype at each expected value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from conformance.strategies import as_f64
+
+UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
+
+
+def rtol_for(dtype: str, rtol32: float) -> float:
+    """The relative tolerance for a computation in `dtype` (16-bit floats compute in float32)."""
+    return rtol32 * 1e-7 if dtype == "float64" else rtol32
+
+
+def _where(mask: np.ndarray, got: np.ndarray, want: np.ndarray) -> str:
+    i = int(np.flatnonzero(mask.reshape(-1))[0])
+    return (
+        f"{int(mask.sum())} of {mask.size} entries differ; first at flat index {i}: "
+        f"got {got.reshape(-1)[i]!r}, expected {want.reshape(-1)[i]!r}"
+    )
+
+
+def assert_identical(got: np.ndarray, want: np.ndarray, what: str = "") -> None:
+    """Same shape, dtype and bits (NaN payloads and the sign of zero included)."""
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    g = np.ascontiguousarray(got).view(f"u{got.dtype.itemsize}")
+    w = np.ascontiguousarray(want).view(f"u{want.dtype.itemsize}")
+    differ = g != w
+    assert not differ.any(), f"{what}: not bit-identical: {_where(differ, got, want)}"
+
+
+def assert_equal_values(got: np.ndarray, want: np.ndarray, what: str = "") -> None:
+    """Same shape and equal values (so -0.0 equals 0.0), NaN equal to NaN."""
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    g, w = as_f64(got), as_f64(want)
+    differ = ~((g == w) | (np.isnan(g) & np.isnan(w)))
+    assert not differ.any(), f"{what}: values differ: {_where(differ, g, w)}"
+
+
+def assert_close(
+    got: np.ndarray, want: np.ndarray, dtype: str, scale: float, rtol32: float, what: str = ""
+) -> None:
+    """|got - want| <= rtol * scale + 2 * unit roundoff(dtype) * |want| for every entry."""
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    g, w = as_f64(got), as_f64(want)
+    allowed = rtol_for(dtype, rtol32) * scale + 2 * UNIT_ROUNDOFF[dtype] * np.abs(w)
+    same = (g == w) | (np.isnan(g) & np.isnan(w))
+    differ = ~(same | (np.abs(g - w) <= allowed))
+    assert not differ.any(), (
+        f"{what}: beyond rtol {rtol_for(dtype, rtol32):g} x scale {scale:g}: {_where(differ, g, w)}"
+    )

@@ -1,0 +1,89 @@
+"""The `mmerge analyze` command: parse, run the analysis, print and plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from mmerge.analyze.scan import analyze as run_analysis
+
+
+def _progress_bar(enabled: bool):
+    """A stderr progress callback when stderr is a terminal, else None."""
+    if not enabled or not sys.stderr.isatty():
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(unit="tensor", file=sys.stderr, leave=False)
+
+    def update(done: int, total: int, name: str) -> None:
+        bar.total = total
+        bar.set_postfix_str(name[-40:], refresh=False)
+        bar.update(done - bar.n)
+
+    return update, bar
+
+
+@click.command(
+    "analyze",
+    epilog="""\b
+Example:
+  mmerge analyze base.safetensors math.safetensors code.safetensors \\
+      --plot layers.png --density 0.2 --density 0.5
+""",
+)
+@click.argument("base", type=click.Path(exists=True))
+@click.argument("finetunes", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print only JSON (every figure) to stdout.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write per-layer curves to this PNG file (needs matplotlib: mmerge[plot]).",
+)
+@click.option(
+    "--density",
+    "densities",
+    type=float,
+    multiple=True,
+    help="Top-k density for trimming figures; repeat for several. [default: 0.1, 0.3, 0.5]",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No summary and no progress bar.")
+def analyze(
+    base: str,
+    finetunes: tuple[str, ...],
+    as_json: bool,
+    plot_path: str | None,
+    densities: tuple[float, ...],
+    quiet: bool,
+) -> None:
+    """Measure how well fine-tunes of BASE will merge, before merging them.
+
+    Streams every checkpoint once (files or Hugging Face folders) and reports, per layer and
+    for the whole model: task-vector norms and their ratios, task-vector cosines, the angle
+    between the full weights, sign conflicts (all entries and those top-k trimming keeps),
+    how much of each task vector the top entries hold, and whether each fine-tune really
+    shares BASE. Ends with a recommended merge method.
+    """
+    progress, bar = _progress_bar(not quiet)
+    try:
+        result = run_analysis(
+            base, list(finetunes), densities=densities or (0.1, 0.3, 0.5), progress=progress
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if plot_path:
+        from mmerge.analyze.plot import plot
+
+        plot(result, plot_path)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=1))
+    elif not quiet:
+        from mmerge.analyze.report import render
+
+        click.echo(render(result))
+        if plot_path:
+            click.echo(f"Plot: {plot_path}")

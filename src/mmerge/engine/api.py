@@ -1,0 +1,213 @@
+"""The library API, mirroring the command line: merge checkpoints on disk or arrays in memory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmerge.engine.execute import Execution, estimate_peak
+from mmerge.engine.layers import layer_count, layer_index
+from mmerge.engine.output import OutputOptions, write_plan
+from mmerge.engine.plan import Plan, Source, _per_tensor_params, build_plan
+from mmerge.errors import InvalidInput, PlanError
+from mmerge.methods.registry import get
+
+PathLike = str | os.PathLike
+
+
+@dataclass
+class MergeResult:
+    """What a merge did (or, for a dry run, would do)."""
+
+    output: Path | None
+    plan: Plan
+    peak_bytes: int
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """Tensors, bytes to read and write, estimated working memory: the dry-run report."""
+        return {
+            "method": self.plan.method.name,
+            "tensors": len(self.plan.items),
+            "copied": sum(1 for i in self.plan.items if i.is_copy),
+            "bytes_read": self.plan.bytes_read(),
+            "bytes_written": self.plan.bytes_written(),
+            "estimated_peak_bytes": self.peak_bytes,
+        }
+
+
+def default_method(n_models: int, has_base: bool) -> str:
+    """slerp (t=0.5) for two models, linear for more; task_arithmetic when a base is given."""
+    if has_base:
+        return "task_arithmetic"
+    return "slerp" if n_models == 2 else "linear"
+
+
+def merge(
+    inputs: Sequence[PathLike],
+    output: PathLike,
+    *,
+    method: str | None = None,
+    base: PathLike | None = None,
+    model_params: Sequence[Mapping[str, Any]] | None = None,
+    backend: str = "numpy",
+    device: str | None = None,
+    compute_dtype: str = "float32",
+    out_dtype: str | None = None,
+    shard_size: int | None = None,
+    resume: bool = False,
+    allow_mismatch: bool = False,
+    dry_run: bool = False,
+    on_progress=None,
+    **params: Any,
+) -> MergeResult:
+    """Merge checkpoints (files or HF folders) into `output`, streaming tensor by tensor.
+
+    `params` are the method's global parameters (scalars, gradients or filter lists);
+    `model_params` gives per-model ones (e.g. `[{"weight": 0.3}, {"weight": 0.7}]`).
+    """
+    from mmerge.io import open_checkpoint
+
+    if not inputs:
+        raise InvalidInput("no input checkpoints given")
+    models = [open_checkpoint(p) for p in inputs]
+    base_ckpt = open_checkpoint(base) if base is not None else None
+    per_model = list(model_params or [{} for _ in models])
+    if len(per_model) != len(models):
+        raise InvalidInput(f"{len(per_model)} per-model parameter sets for {len(models)} models")
+    sources = [Source(c, dict(p), label=str(c.path)) for c, p in zip(models, per_model)]
+    base_src = Source(base_ckpt, {}, label=str(base_ckpt.path)) if base_ckpt else None
+    name = method or default_method(len(models), base_ckpt is not None)
+    plan = build_plan(
+        sources,
+        method=name,
+        base=base_src,
+        params=params,
+        out_dtype=out_dtype,
+        allow_mismatch=allow_mismatch,
+    )
+    folder = (base_ckpt or models[0]).path
+    return execute_plan(
+        plan,
+        [*models, *([base_ckpt] if base_ckpt else [])],
+        output,
+        copy_files_from=folder if folder.is_dir() else None,
+        run=_execution(backend, device, compute_dtype, on_progress),
+        shard_size=shard_size,
+        resume=resume,
+        dry_run=dry_run,
+        out_dtype=out_dtype,
+    )
+
+
+def _execution(backend: str, device: str | None, compute_dtype: str, on_progress) -> Execution:
+    from mmerge.backend.transfer import resolve
+
+    if compute_dtype not in ("float32", "float64"):
+        raise InvalidInput(f"compute dtype must be float32 or float64, got {compute_dtype!r}")
+    backend, device = resolve(backend, device)
+    return Execution(
+        backend=backend, device=device, compute_dtype=compute_dtype, on_progress=on_progress
+    )
+
+
+def execute_plan(
+    plan: Plan,
+    checkpoints: Sequence,
+    output: PathLike,
+    *,
+    copy_files_from: Path | None,
+    run: Execution,
+    shard_size: int | None = None,
+    resume: bool = False,
+    dry_run: bool = False,
+    out_dtype: str | None = None,
+) -> MergeResult:
+    """Write a validated plan (or only describe it, for a dry run)."""
+    peak = estimate_peak(plan)
+    if dry_run:
+        return MergeResult(None, plan, peak, plan.warnings)
+    options = OutputOptions(
+        path=Path(output),
+        shard_size=shard_size,
+        resume=resume,
+        copy_files_from=copy_files_from,
+        out_dtype_name=_torch_dtype_name(out_dtype),
+    )
+    final = write_plan(plan, checkpoints, options, run)
+    return MergeResult(final, plan, peak, plan.warnings)
+
+
+def _torch_dtype_name(out_dtype: str | None) -> str | None:
+    from mmerge.engine.plan import dtype_code
+
+    code = dtype_code(out_dtype)
+    return {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}.get(code)
+
+
+def merge_tensors(
+    models: Sequence[Mapping[str, Any]],
+    *,
+    method: str,
+    base: Mapping[str, Any] | None = None,
+    model_params: Sequence[Mapping[str, Any]] | None = None,
+    **params: Any,
+) -> dict[str, Any]:
+    """Merge state dicts held in memory (name -> array of any supported library).
+
+    Same rules as `merge`: gradients and filters in `params`, per-model `model_params`.
+    """
+    spec = get(method)
+    spec.check_count(len(models), base is not None)
+    per_model = list(model_params or [{} for _ in models])
+    sources = [
+        Source(m, dict(p), label=f"model {i}") for i, (m, p) in enumerate(zip(models, per_model))
+    ]
+    reference = base if base is not None else models[0]
+    n_layers = layer_count(reference)
+    out = {}
+    for name in reference:
+        for src in sources:
+            if name not in src.checkpoint:
+                raise PlanError(f"tensor {name!r} is missing from {src.label}")
+        values = _per_tensor_params(spec, params, sources, name, layer_index(name), n_layers)
+        out[name] = spec(
+            [s.checkpoint[name] for s in sources],
+            base=None if base is None else base[name],
+            tensor_name=name,
+            **values,
+        )
+    return out
+
+
+def run_recipe(
+    recipe: PathLike | Mapping[str, Any],
+    output: PathLike,
+    *,
+    backend: str = "numpy",
+    device: str | None = None,
+    compute_dtype: str = "float32",
+    shard_size: int | None = None,
+    resume: bool = False,
+    dry_run: bool = False,
+    on_progress=None,
+) -> MergeResult:
+    """Run a mergekit-style recipe (a YAML path or the same structure as a dict)."""
+    from mmerge.engine.recipe import load_recipe, plan_recipe
+
+    data, root = load_recipe(recipe)
+    plan, checkpoints, copy_from, out_dtype = plan_recipe(data, root)
+    return execute_plan(
+        plan,
+        checkpoints,
+        output,
+        copy_files_from=copy_from,
+        run=_execution(backend, device, compute_dtype, on_progress),
+        shard_size=shard_size,
+        resume=resume,
+        dry_run=dry_run,
+        out_dtype=out_dtype,
+    )

@@ -1,0 +1,184 @@
+"""mergekit-style YAML recipes: read, check every key, and turn into a plan.
+
+Supported: merge_method, models (with per-model parameters), base_model, parameters (scalars,
+gradients, filter lists), dtype, out_dtype, slices (sources with layer_range), and
+tokenizer_source: base. Any other key is an error that names it, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mmerge.engine.plan import Plan, Slice, Source, build_plan, build_slice_plan
+from mmerge.errors import PlanError
+
+TOP_KEYS = {
+    "merge_method",
+    "models",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "slices",
+    "tokenizer_source",
+}
+MODEL_KEYS = {"model", "parameters"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
+IGNORED_PARAMS = {"int8_mask"}  # memory tricks of mergekit with no effect on the result
+
+
+class RecipeError(PlanError):
+    """A recipe that mmerge cannot run as written."""
+
+
+def load_recipe(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict, Path]:
+    """The recipe as a dict and the folder its relative model paths are resolved from."""
+    if isinstance(source, Mapping):
+        return dict(source), Path.cwd()
+    import yaml
+
+    path = Path(source)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"recipe {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML: {exc}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of keys, got {type(data).__name__}")
+    return data, path.parent
+
+
+def _unknown(keys, allowed, where: str) -> None:
+    extra = sorted(set(keys) - allowed)
+    if extra:
+        raise RecipeError(
+            f"{where}: unsupported key {extra[0]!r} (mmerge supports: {', '.join(sorted(allowed))})"
+        )
+
+
+def _model_path(value: Any, root: Path) -> Path:
+    if not isinstance(value, str):
+        raise RecipeError(f"model must be a local path string, got {value!r}")
+    if "+" in value and not Path(value).exists():
+        raise RecipeError(f"model {value!r}: LoRA 'model+adapter' syntax is not supported")
+    for candidate in (Path(value), root / value):
+        if candidate.exists():
+            return candidate
+    raise RecipeError(
+        f"model {value!r} not found (mmerge reads local checkpoints; hub ids are not downloaded)"
+    )
+
+
+def _params(raw: Any, where: str, warnings: list[str]) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise RecipeError(f"{where}: parameters must be a mapping, got {raw!r}")
+    out = {}
+    for key, value in raw.items():
+        if key in IGNORED_PARAMS:
+            warnings.append(f"{where}: parameter {key!r} has no effect in mmerge; ignored")
+            continue
+        out[key] = value
+    return out
+
+
+class RecipeModels:
+    """Opens each distinct checkpoint of a recipe once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.opened = root, {}
+
+    def get(self, value: Any):
+        from mmerge.io import open_checkpoint
+
+        path = _model_path(value, self.root).resolve()
+        if path not in self.opened:
+            self.opened[path] = open_checkpoint(path)
+        return self.opened[path]
+
+
+def plan_recipe(
+    recipe: Mapping[str, Any], root: Path
+) -> tuple[Plan, list, Path | None, str | None]:
+    """(plan, opened checkpoints, folder to copy config/tokenizer from, output dtype name)."""
+    _unknown(recipe, TOP_KEYS, "recipe")
+    warnings: list[str] = []
+    method = recipe.get("merge_method")
+    if not method:
+        raise RecipeError("recipe: 'merge_method' is required")
+    tok = recipe.get("tokenizer_source")
+    if tok not in (None, "base"):
+        raise RecipeError(f"recipe: tokenizer_source {tok!r} is not supported (only 'base')")
+    opened = RecipeModels(root)
+    base_ckpt = opened.get(recipe["base_model"]) if recipe.get("base_model") else None
+    params = _params(recipe.get("parameters"), "recipe parameters", warnings)
+    out_dtype = recipe.get("out_dtype") or recipe.get("dtype")
+    if recipe.get("slices") is not None:
+        if recipe.get("models") is not None:
+            raise RecipeError("recipe: give either 'models' or 'slices', not both")
+        plan = _slice_plan(recipe["slices"], method, base_ckpt, params, out_dtype, opened, warnings)
+    else:
+        models = recipe.get("models")
+        if not isinstance(models, list) or not models:
+            raise RecipeError("recipe: 'models' must be a non-empty list (or use 'slices')")
+        sources, base_src = [], None
+        for i, entry in enumerate(models):
+            if not isinstance(entry, Mapping):
+                raise RecipeError(f"models[{i}]: expected a mapping with 'model', got {entry!r}")
+            _unknown(entry, MODEL_KEYS, f"models[{i}]")
+            ckpt = opened.get(entry.get("model"))
+            src = Source(
+                ckpt,
+                _params(entry.get("parameters"), f"models[{i}]", warnings),
+                label=str(ckpt.path),
+            )
+            if ckpt is base_ckpt:
+                base_src = src  # mergekit lists the base among the models; it is not merged in
+            else:
+                sources.append(src)
+        if base_ckpt is not None and base_src is None:
+            base_src = Source(base_ckpt, {}, label=str(base_ckpt.path))
+        plan = build_plan(sources, method=method, base=base_src, params=params, out_dtype=out_dtype)
+    plan.warnings[:0] = warnings
+    first = base_ckpt or next(iter(opened.opened.values()))
+    copy_from = first.path if first.path.is_dir() else None
+    return plan, list(opened.opened.values()), copy_from, out_dtype
+
+
+def _slice_plan(slices, method, base_ckpt, params, out_dtype, opened, warnings) -> Plan:
+    if not isinstance(slices, list):
+        raise RecipeError("recipe: 'slices' must be a list")
+    built, base_src = [], None
+    by_ckpt: dict[int, Source] = {}
+    for i, sl in enumerate(slices):
+        if not isinstance(sl, Mapping) or set(sl) != {"sources"}:
+            raise RecipeError(f"slices[{i}]: expected a mapping with only 'sources'")
+        entries = []
+        for j, src in enumerate(sl["sources"]):
+            where = f"slices[{i}].sources[{j}]"
+            if not isinstance(src, Mapping):
+                raise RecipeError(f"{where}: expected a mapping with 'model'")
+            _unknown(src, SOURCE_KEYS, where)
+            ckpt = opened.get(src.get("model"))
+            rng = src.get("layer_range")
+            if (
+                not isinstance(rng, list)
+                or len(rng) != 2
+                or not all(isinstance(v, int) for v in rng)
+                or not 0 <= rng[0] < rng[1]
+            ):
+                raise RecipeError(f"{where}: layer_range must be [start, stop) with start < stop")
+            source = Source(
+                ckpt, _params(src.get("parameters"), where, warnings), label=str(ckpt.path)
+            )
+            by_ckpt.setdefault(id(ckpt), source)
+            entries.append((source, rng[0], rng[1]))
+        built.append(Slice(tuple(entries)))
+    if base_ckpt is not None:
+        base_src = by_ckpt.get(id(base_ckpt)) or Source(base_ckpt, {}, label=str(base_ckpt.path))
+    return build_slice_plan(built, method=method, base=base_src, params=params, out_dtype=out_dtype)

@@ -1,0 +1,184 @@
+"""Task-vector methods against their float64 references, on every backend."""
+
+import numpy as np
+import pytest
+from references import (
+    BACKENDS,
+    assert_close,
+    grid,
+    ref_breadcrumbs,
+    ref_dare,
+    ref_della,
+    ref_magnitude,
+    ref_sce,
+    ref_task_merge,
+    to_backend,
+    to_numpy,
+)
+
+import mmerge.methods as M
+
+NAME = "model.layers.3.self_attn.q_proj.weight"
+
+
+def family(seed=0, shape=(16, 24), models=3, step=2.0**-10):
+    rng = np.random.default_rng(seed)
+    base = grid(rng, shape, step=step)
+    return [base + grid(rng, shape, 0.1, step) for _ in range(models)], base
+
+
+def run(be, spec, models, base=None, **params):
+    out = spec(
+        [to_backend(be, m) for m in models],
+        base=None if base is None else to_backend(be, base),
+        **params,
+    )
+    assert type(out).__module__.split(".")[0] == type(to_backend(be, base)).__module__.split(
+        "."
+    )[0]
+    return to_numpy(out)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_task_arithmetic(be, normalize):
+    models, base = family()
+    w = [0.7, -0.4, 1.1]
+    got = run(be, M.task_arithmetic, models, base, weight=w, normalize=normalize, **{"lambda": 0.8})
+    want = ref_task_merge(models, base, w, lambda i, d: d, None, normalize, 0.8)
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("election", ["weighted_sum", "sum", "count"])
+def test_ties(be, election):
+    models, base = family(step=2.0**-7)  # coarse grid: many magnitude ties
+    w, dens = [1.0, 0.5, 0.8], [0.3, 0.5, 0.2]
+    got = run(be, M.ties, models, base, weight=w, density=dens, election=election)
+    want = ref_task_merge(
+        models, base, w, lambda i, d: ref_magnitude(d, dens[i]), election, True, 1.0
+    )
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("rescale", ["l1", "inverse_density"])
+def test_ties_with_rescale_and_lambda(be, rescale):
+    models, base = family(1)
+    got = run(be, M.ties, models, base, density=0.4, rescale=rescale, normalize=False,
+              **{"lambda": 1.5})
+    want = ref_task_merge(
+        models, base, [1.0] * 3, lambda i, d: ref_magnitude(d, 0.4, rescale), "weighted_sum",
+        False, 1.5,
+    )
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("rescale", ["l1", "inverse_density", "none"])
+def test_dare_linear(be, rescale):
+    models, base = family(2)
+    w = [0.6, 0.4, 1.0]
+    got = run(be, M.dare_linear, models, base, weight=w, density=0.3, rescale=rescale, seed=9,
+              tensor_name=NAME)
+    want = ref_task_merge(
+        models, base, w, lambda i, d: ref_dare(d, 0.3, rescale, 9, NAME, i), None, False
+    )
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_dare_ties(be, normalize):
+    models, base = family(3)
+    dens = [0.2, 0.5, 0.9]
+    got = run(be, M.dare_ties, models, base, density=dens, normalize=normalize, seed=4,
+              tensor_name=NAME)
+    want = ref_task_merge(
+        models, base, [1.0] * 3, lambda i, d: ref_dare(d, dens[i], "l1", 4, NAME, i),
+        "weighted_sum", normalize,
+    )
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("gamma", [0.0, 0.01, 0.2])
+def test_breadcrumbs(be, gamma):
+    models, base = family(4, step=2.0**-8)
+    got = run(be, M.breadcrumbs, models, base, weight=[0.5, 0.3, 0.2], density=0.4, gamma=gamma)
+    want = ref_task_merge(
+        models, base, [0.5, 0.3, 0.2], lambda i, d: ref_breadcrumbs(d, 0.4, gamma), None, False
+    )
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_breadcrumbs_ties_drops_fewer_outliers_when_density_needs_them(be):
+    models, base = family(5)
+    got = run(be, M.breadcrumbs_ties, models, base, density=0.9, gamma=0.3)
+    want = ref_task_merge(
+        models, base, [1.0] * 3, lambda i, d: ref_breadcrumbs(d, 0.9, 0.3), "weighted_sum", False
+    )
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("rescale", ["l1", "inverse_density", "none"])
+def test_della(be, rescale):
+    models, base = family(6)
+    got = run(be, M.della, models, base, density=0.5, epsilon=0.2, rescale=rescale, seed=3,
+              tensor_name=NAME, **{"lambda": 0.9})
+    want = ref_task_merge(
+        models, base, [1.0] * 3, lambda i, d: ref_della(d, 0.5, 0.2, rescale, 3, NAME, i),
+        "weighted_sum", True, 0.9,
+    )
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("shape", [(40,), (4, 5, 6), (7, 1)])
+def test_della_linear_ranks_along_axis_1(be, shape):
+    models, base = family(7, shape=shape, models=2)
+    got = run(be, M.della_linear, models, base, weight=[0.3, 0.7], density=[0.4, 0.6],
+              epsilon=0.1, seed=1, tensor_name=NAME)
+    dens = [0.4, 0.6]
+    want = ref_task_merge(
+        models, base, [0.3, 0.7], lambda i, d: ref_della(d, dens[i], 0.1, "l1", 1, NAME, i),
+        None, False,
+    )
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("select_topk", [1.0, 0.3])
+def test_sce(be, select_topk):
+    models, base = family(8, step=2.0**-7)
+    got = run(be, M.sce, models, base, select_topk=select_topk)
+    assert_close(got, ref_sce(models, base, select_topk))
+
+
+def test_per_model_density_list_must_match_model_count():
+    models, base = family()
+    with pytest.raises(M.registry.InvalidInput, match="'density' has 2 values for 3 models"):
+        M.ties(models, base=base, density=[0.5, 0.5])
+
+
+def test_della_density_epsilon_bounds():
+    models, base = family(models=2)
+    with pytest.raises(M.registry.InvalidInput, match="density - epsilon > 0"):
+        M.della(models, base=base, density=0.1, epsilon=0.15)
+    with pytest.raises(M.registry.InvalidInput, match="model 1"):
+        M.della(models, base=base, density=[0.5, 0.9], epsilon=0.15)
+    M.della(models, base=base, density=1.0, epsilon=0.15)  # density 1 keeps all: no check
+    M.della(models, base=base, density=0.85, epsilon=0.15)  # density + epsilon = 1 is fine
+
+
+def test_dare_mask_differs_between_models_and_tensors():
+    models, base = family(9, models=2)
+    same = [models[0], models[0]]
+    out = M.dare_linear(same, base=base, density=0.5, rescale="none", tensor_name="a")
+    delta = out - base
+    single = M.dare_linear(same[:1], base=base, density=0.5, rescale="none", tensor_name="a")
+    assert not np.allclose(delta, 2 * (single - base))  # model 1 has its own mask
+    other = M.dare_linear(same, base=base, density=0.5, rescale="none", tensor_name="b")
+    assert not np.array_equal(out, other)

@@ -22,6 +22,7 @@ class Call:
     name: str
     inputs: Inputs
     params: dict[str, Any]
+    tensor_name: str = TENSOR_NAME
 
     def __repr__(self) -> str:  # what Hypothesis prints for a failing example
         shapes = [tuple(m.shape) for m in self.inputs.models]
@@ -41,7 +42,7 @@ def merge(backend: Backend, call: Call) -> Any:
     models = [backend.put(m) for m in call.inputs.models]
     base = None if call.inputs.base is None else backend.put(call.inputs.base)
     try:
-        return spec(models, base=base, tensor_name=TENSOR_NAME, **call.params)
+        return spec(models, base=base, tensor_name=call.tensor_name, **call.params)
     except InvalidInput as exc:
         reject_if_allowed(call.name, exc)
         raise

@@ -1,10 +1,10 @@
 """Reading the spec test vectors: spec/vectors/<method>.json, written by make_vectors.py.
 
-File format (any implementation can read it): {"method", "format": 1, "cases": [{"id",
-"params", "tensor_name", "shape", "models": [[...flat float64...]], "base": [...] | null,
-"expected": [...flat float64...], "rtol": {"float32": r, "float64": r}}]}. Inputs are exactly
-representable in float32; `expected` is the float64 reference result; a result passes when
-|got - expected| <= rtol[dtype] * max|input| + 2 * unit roundoff * |expected| (tolerance.py).
+File format (any implementation can read it): {"method", "format": 1, "about", "cases": [{"id",
+"shape", "models": [[flat float64 values, C order], ...], "base": [...] | null, "params",
+"tensor_name", "tolerance": {"float32": tol, "float64": tol}, "expected": [...]}]}. Inputs are
+exact in float32; `expected` is the float64 reference result. A result passes when
+|got - expected| <= tol * |expected| + tol * max(1, max|expected|) for every entry.
 """
 
 from __future__ import annotations

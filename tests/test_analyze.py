@@ -3,6 +3,7 @@ known structure (orthogonal, opposite, parallel, from another base)."""
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes
 import numpy as np
@@ -364,6 +365,20 @@ def test_chunks_sum_to_the_float64_figures(monkeypatch):
     both = (rows[1] != 0) & (rows[2] != 0)
     assert got.both[0, 1] == both.sum()
     assert got.conflicts[0, 1] == (both & (np.sign(rows[1]) != np.sign(rows[2]))).sum()
+
+
+def test_spans_measured_in_parallel_sum_to_the_whole(monkeypatch):
+    monkeypatch.setattr(stats, "CHUNK", 700)
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal(5000).astype(np.float32)
+    deltas = [rng.standard_normal(5000).astype(np.float32) for _ in range(3)]
+    whole = stats.tensor_stats(base, deltas, (0.1, 0.5))
+    with ThreadPoolExecutor(3) as pool:
+        split = stats.tensor_stats(base, deltas, (0.1, 0.5), parts=3, mapper=pool.map)
+    np.testing.assert_allclose(split.gram, whole.gram, rtol=1e-6)
+    np.testing.assert_allclose(split.kept, whole.kept, rtol=1e-6)
+    for field in ("numel", "both", "conflicts", "top_both", "top_conflicts"):
+        np.testing.assert_array_equal(getattr(split, field), getattr(whole, field))
 
 
 def test_large_tensor_thresholds_come_from_a_sample(monkeypatch):

@@ -67,6 +67,18 @@ def test_orthogonal_and_stranger_through_json(tmp_path):
     assert "does not share a base" in json.dumps(mixed)
 
 
+def test_nan_weights_give_null_figures_not_invalid_json(tmp_path):
+    d = gaussian(1)
+    d["lm_head.weight"][0, 0] = np.nan
+    base, fts, _, _ = family(tmp_path, [d, gaussian(2)])
+    res = run(base, *fts, "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["overall"]["pairs"][0]["task_cos"] is None
+    assert out["layers"][0]["pairs"][0]["task_cos"] is not None  # embed is untouched
+    assert "ft1 has NaN or infinite weights" in run(base, *fts).output
+
+
 def test_summary_has_layers_findings_and_recommendation(opposite):
     base, fts = opposite
     res = run(base, *fts)
@@ -101,9 +113,16 @@ def test_plot_with_many_pairs_and_one_fine_tune(tmp_path):
 
 def test_plot_without_matplotlib_says_what_to_install(opposite, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr("mmerge.analyze.command.run_analysis", None)  # fails before reading
     res = run(*opposite[:1], *opposite[1], "--plot", tmp_path / "p.png")
     assert isinstance(res.exception, MmergeError)
     assert 'pip install "mmerge[plot]"' in str(res.exception)
+
+
+def test_plot_into_a_missing_folder_fails_before_reading(opposite, tmp_path, monkeypatch):
+    monkeypatch.setattr("mmerge.analyze.command.run_analysis", None)  # must not be reached
+    res = run(*opposite[:1], *opposite[1], "--plot", tmp_path / "no" / "p.png")
+    assert res.exit_code == 2 and "does not exist" in res.output
 
 
 def test_mismatched_models_fail_clearly(tmp_path):

@@ -70,8 +70,15 @@ def test_slerp_with_base_starts_at_the_base(be):
 def test_nuslerp(be, flatten, row_wise, with_base):
     ms, base = models(3, n=2, spread=1.0)
     w = [0.3, 0.9]
-    got = run(be, M.nuslerp, ms, base if with_base else None, weight=w,
-              nuslerp_flatten=flatten, nuslerp_row_wise=row_wise)
+    got = run(
+        be,
+        M.nuslerp,
+        ms,
+        base if with_base else None,
+        weight=w,
+        nuslerp_flatten=flatten,
+        nuslerp_row_wise=row_wise,
+    )
     want = ref_nuslerp(ms, w, base if with_base else None, flatten, row_wise)
     assert_close(got, want)
 

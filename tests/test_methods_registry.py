@@ -66,10 +66,16 @@ def test_flags():
         "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce",
     }  # fmt: skip
     assert {s.name for s in M.all_methods() if s.random} == {
-        "dare_linear", "dare_ties", "della", "della_linear"
+        "dare_linear",
+        "dare_ties",
+        "della",
+        "della_linear",
     }
     assert {s.name for s in M.all_methods() if s.elementwise} == {
-        "linear", "task_arithmetic", "nearswap", "passthrough"
+        "linear",
+        "task_arithmetic",
+        "nearswap",
+        "passthrough",
     }
 
 
@@ -174,8 +180,9 @@ def test_numpy_bfloat16_round_trip(name):
     base = BASE if spec.needs_base else None
     wide = [_bf16(x).astype(np.float32) for x in (A, B)]
     wide_base = None if base is None else _bf16(base).astype(np.float32)
-    out = spec([_bf16(A), _bf16(B)], base=None if base is None else _bf16(base),
-               tensor_name="w", **kw)
+    out = spec(
+        [_bf16(A), _bf16(B)], base=None if base is None else _bf16(base), tensor_name="w", **kw
+    )
     assert out.dtype == ml_dtypes.bfloat16
     want = _bf16(spec(wide, base=wide_base, tensor_name="w", **kw))
     assert np.array_equal(out.astype(np.float32), want.astype(np.float32))

@@ -33,9 +33,7 @@ def run(be, spec, models, base=None, **params):
         base=None if base is None else to_backend(be, base),
         **params,
     )
-    assert type(out).__module__.split(".")[0] == type(to_backend(be, base)).__module__.split(
-        "."
-    )[0]
+    assert type(out).__module__.split(".")[0] == type(to_backend(be, base)).__module__.split(".")[0]
     return to_numpy(out)
 
 
@@ -65,11 +63,17 @@ def test_ties(be, election):
 @pytest.mark.parametrize("rescale", ["l1", "inverse_density"])
 def test_ties_with_rescale_and_lambda(be, rescale):
     models, base = family(1)
-    got = run(be, M.ties, models, base, density=0.4, rescale=rescale, normalize=False,
-              **{"lambda": 1.5})
+    got = run(
+        be, M.ties, models, base, density=0.4, rescale=rescale, normalize=False, **{"lambda": 1.5}
+    )
     want = ref_task_merge(
-        models, base, [1.0] * 3, lambda i, d: ref_magnitude(d, 0.4, rescale), "weighted_sum",
-        False, 1.5,
+        models,
+        base,
+        [1.0] * 3,
+        lambda i, d: ref_magnitude(d, 0.4, rescale),
+        "weighted_sum",
+        False,
+        1.5,
     )
     assert_close(got, want)
 
@@ -79,8 +83,17 @@ def test_ties_with_rescale_and_lambda(be, rescale):
 def test_dare_linear(be, rescale):
     models, base = family(2)
     w = [0.6, 0.4, 1.0]
-    got = run(be, M.dare_linear, models, base, weight=w, density=0.3, rescale=rescale, seed=9,
-              tensor_name=NAME)
+    got = run(
+        be,
+        M.dare_linear,
+        models,
+        base,
+        weight=w,
+        density=0.3,
+        rescale=rescale,
+        seed=9,
+        tensor_name=NAME,
+    )
     want = ref_task_merge(
         models, base, w, lambda i, d: ref_dare(d, 0.3, rescale, 9, NAME, i), None, False
     )
@@ -92,11 +105,16 @@ def test_dare_linear(be, rescale):
 def test_dare_ties(be, normalize):
     models, base = family(3)
     dens = [0.2, 0.5, 0.9]
-    got = run(be, M.dare_ties, models, base, density=dens, normalize=normalize, seed=4,
-              tensor_name=NAME)
+    got = run(
+        be, M.dare_ties, models, base, density=dens, normalize=normalize, seed=4, tensor_name=NAME
+    )
     want = ref_task_merge(
-        models, base, [1.0] * 3, lambda i, d: ref_dare(d, dens[i], "l1", 4, NAME, i),
-        "weighted_sum", normalize,
+        models,
+        base,
+        [1.0] * 3,
+        lambda i, d: ref_dare(d, dens[i], "l1", 4, NAME, i),
+        "weighted_sum",
+        normalize,
     )
     assert_close(got, want)
 
@@ -126,11 +144,26 @@ def test_breadcrumbs_ties_drops_fewer_outliers_when_density_needs_them(be):
 @pytest.mark.parametrize("rescale", ["l1", "inverse_density", "none"])
 def test_della(be, rescale):
     models, base = family(6)
-    got = run(be, M.della, models, base, density=0.5, epsilon=0.2, rescale=rescale, seed=3,
-              tensor_name=NAME, **{"lambda": 0.9})
+    got = run(
+        be,
+        M.della,
+        models,
+        base,
+        density=0.5,
+        epsilon=0.2,
+        rescale=rescale,
+        seed=3,
+        tensor_name=NAME,
+        **{"lambda": 0.9},
+    )
     want = ref_task_merge(
-        models, base, [1.0] * 3, lambda i, d: ref_della(d, 0.5, 0.2, rescale, 3, NAME, i),
-        "weighted_sum", True, 0.9,
+        models,
+        base,
+        [1.0] * 3,
+        lambda i, d: ref_della(d, 0.5, 0.2, rescale, 3, NAME, i),
+        "weighted_sum",
+        True,
+        0.9,
     )
     assert_close(got, want)
 
@@ -139,12 +172,25 @@ def test_della(be, rescale):
 @pytest.mark.parametrize("shape", [(40,), (4, 5, 6), (7, 1)])
 def test_della_linear_ranks_along_axis_1(be, shape):
     models, base = family(7, shape=shape, models=2)
-    got = run(be, M.della_linear, models, base, weight=[0.3, 0.7], density=[0.4, 0.6],
-              epsilon=0.1, seed=1, tensor_name=NAME)
+    got = run(
+        be,
+        M.della_linear,
+        models,
+        base,
+        weight=[0.3, 0.7],
+        density=[0.4, 0.6],
+        epsilon=0.1,
+        seed=1,
+        tensor_name=NAME,
+    )
     dens = [0.4, 0.6]
     want = ref_task_merge(
-        models, base, [0.3, 0.7], lambda i, d: ref_della(d, dens[i], 0.1, "l1", 1, NAME, i),
-        None, False,
+        models,
+        base,
+        [0.3, 0.7],
+        lambda i, d: ref_della(d, dens[i], 0.1, "l1", 1, NAME, i),
+        None,
+        False,
     )
     assert_close(got, want)
 

@@ -454,6 +454,15 @@ def methods(name):
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + r[3])
 
 
+def _register_analyze() -> None:
+    from mmerge.analyze.command import analyze
+
+    cli.add_command(analyze)
+
+
+_register_analyze()
+
+
 def main() -> None:
     """Entry point of the `mmerge` console script."""
     cli(prog_name="mmerge")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -67,6 +68,12 @@ def analyze(
     how much of each task vector the top entries hold, and whether each fine-tune really
     shares BASE. Ends with a recommended merge method.
     """
+    if plot_path:  # fail before the long pass, not after it
+        from mmerge.analyze.plot import pyplot
+
+        pyplot()
+        if not Path(plot_path).resolve().parent.is_dir():
+            raise click.BadParameter(f"folder of {plot_path} does not exist", param_hint="--plot")
     progress, bar = _progress_bar(not quiet)
     try:
         result = run_analysis(
@@ -80,7 +87,7 @@ def analyze(
 
         plot(result, plot_path)
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=1))
+        click.echo(json.dumps(result.to_json(), indent=1, allow_nan=False))
     elif not quiet:
         from mmerge.analyze.report import render
 

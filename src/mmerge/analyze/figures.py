@@ -1,7 +1,8 @@
 """The figures people read (cosines, angles, rates, ratios), derived from summed `Stats`.
 
 A figure that has no meaning for the data (the cosine of a zero task vector, the conflict rate
-of two task vectors that never change the same entry) is None, shown as "n/a" and JSON null.
+of two task vectors that never change the same entry, anything touched by NaN or infinite
+weights) is None, shown as "n/a" and JSON null.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ def _ratio(num: float, den: float) -> float | None:
 
 
 def _cos(dot: float, sq_a: float, sq_b: float) -> float | None:
-    if sq_a <= 0 or sq_b <= 0:
+    if not sq_a > 0 or not sq_b > 0:
         return None
-    return max(-1.0, min(1.0, dot / math.sqrt(sq_a * sq_b)))
+    cos = dot / math.sqrt(sq_a * sq_b)
+    return max(-1.0, min(1.0, cos)) if math.isfinite(cos) else None
 
 
 def figures(st: Stats, labels: Sequence[str]) -> dict:
@@ -72,4 +74,17 @@ def figures(st: Stats, labels: Sequence[str]) -> dict:
                     },
                 }
             )
-    return {"numel": st.numel, "base_norm": math.sqrt(bb), "models": models, "pairs": pairs}
+    return _finite(
+        {"numel": st.numel, "base_norm": math.sqrt(bb), "models": models, "pairs": pairs}
+    )
+
+
+def _finite(obj):
+    """`obj` with NaN and infinities (from NaN or inf weights) replaced by None, for JSON."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

@@ -12,7 +12,8 @@ from mmerge.errors import MmergeError
 HEATMAP_PAIRS = 6  # more pairs than this are drawn as heatmaps rather than lines
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot with the Agg backend, or a clear error saying how to install it."""
     try:
         import matplotlib
     except ImportError:
@@ -45,7 +46,7 @@ def _pair_panel(ax, series: dict[str, list[float]], lo: float, line: dict) -> No
 def plot(result: AnalysisResult, path: str | os.PathLike) -> None:
     """Write a PNG with per-layer curves (or heatmaps): task cosine and sign conflict for each
     pair of fine-tunes, and each fine-tune's change relative to the base."""
-    plt = _pyplot()
+    plt = pyplot()
     layers = result.layers
     names = [str(g["layer"]) for g in layers]
     odd = set(strangers(result.overall["models"]))

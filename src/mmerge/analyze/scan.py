@@ -1,6 +1,6 @@
 """One streaming pass over a base and its fine-tunes: read a tensor of every checkpoint, sum its
 statistics into its layer's, release its pages, go on. The next tensor is read while the
-current one is measured."""
+current one is measured, by a few threads over spans of it."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from mmerge.errors import InvalidInput, PlanError
 from mmerge.io import open_checkpoint
 
 Progress = Callable[[int, int, str], None]
+MAX_WORKERS = 4  # threads measuring one tensor's spans (numpy releases the GIL)
 
 
 def _is_float(code: str) -> bool:
@@ -151,13 +152,14 @@ def _stream(
     n = len(checkpoints) - 1
     per_tensor: dict[str, Stats] = {}
     per_group: dict[int | str, Stats] = {}
-    with ThreadPoolExecutor(1) as reader:
+    workers = min(MAX_WORKERS, os.cpu_count() or 1)
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(workers) as pool:
         pending = reader.submit(_load, checkpoints, names[0])
         for i, name in enumerate(names):
             base, deltas = pending.result()
             if i + 1 < len(names):
                 pending = reader.submit(_load, checkpoints, names[i + 1])
-            st = tensor_stats(base, deltas, densities)
+            st = tensor_stats(base, deltas, densities, parts=workers, mapper=pool.map)
             del base, deltas
             for ckpt in checkpoints:
                 ckpt[name].release()

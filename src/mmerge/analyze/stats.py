@@ -7,8 +7,9 @@ of ratios. Dot products are float32 within 64K-entry chunks, summed in float64.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +68,16 @@ def top_k(size: int, density: float) -> int:
     return min(size, max(1, math.ceil(density * size)))
 
 
+@functools.lru_cache(maxsize=8)
+def _picks(size: int, count: int) -> np.ndarray:
+    """`count` sorted indices into `size` entries: one at a random place in each equal span
+    (fixed seed, so results repeat; cached because layers repeat shapes)."""
+    jitter = np.random.default_rng(size).random(count)
+    picks = np.minimum(((np.arange(count) + jitter) * (size / count)).astype(np.int64), size - 1)
+    picks.flags.writeable = False
+    return picks
+
+
 def thresholds(delta: np.ndarray, densities: Sequence[float]) -> list[float]:
     """For each density, the k-th largest magnitude in `delta` (np.partition).
 
@@ -74,13 +85,7 @@ def thresholds(delta: np.ndarray, densities: Sequence[float]) -> list[float]:
     entries (one at a random place in each of SAMPLE equal spans), so trimming keeps the
     density's share of entries to within about 0.1%.
     """
-    if delta.size > SAMPLE:
-        step = delta.size / SAMPLE
-        jitter = np.random.default_rng(delta.size).random(SAMPLE)
-        picks = ((np.arange(SAMPLE) + jitter) * step).astype(np.int64)
-        values = np.abs(delta[np.minimum(picks, delta.size - 1)])
-    else:
-        values = np.abs(delta)
+    values = np.abs(delta[_picks(delta.size, SAMPLE)] if delta.size > SAMPLE else delta)
     kths = [values.size - top_k(values.size, d) for d in densities]
     values.partition(sorted(set(kths)))
     return [float(values[k]) for k in kths]
@@ -102,26 +107,53 @@ class _Workspace:
 
 
 def tensor_stats(
-    base: np.ndarray, deltas: Sequence[np.ndarray], densities: Sequence[float]
+    base: np.ndarray,
+    deltas: Sequence[np.ndarray],
+    densities: Sequence[float],
+    *,
+    parts: int = 1,
+    mapper: Callable = map,
 ) -> Stats:
     """Statistics of one tensor: flat float32 `base` and task vectors `deltas` (ft - base).
 
-    One pass over CHUNK-entry chunks computes everything while the chunk is in cache.
-    Each task vector's squared norm below a threshold t comes from sum(min(|d|, t)^2) minus
-    t^2 times the count at or above t, which avoids gathering the kept entries.
+    The tensor is cut into up to `parts` spans of whole chunks, measured by `mapper` (e.g. a
+    thread pool's map; numpy releases the GIL) and summed.
     """
-    n, nd = len(deltas), len(densities)
-    st = Stats.empty(n, densities)
-    st.numel = base.size
+    n = len(deltas)
     if base.size == 0:
-        return st
-    limits = [thresholds(d, densities) for d in deltas]
+        return Stats.empty(n, densities)
+    limits = np.array([thresholds(d, densities) for d in deltas], np.float32).reshape(n, -1)
     rows = [base, *deltas]
-    ws = _Workspace(n, nd, min(CHUNK, base.size))
-    ws.limit[...] = np.array(limits, np.float32)[:, :, None]  # np.minimum is slow on scalars
+    chunks = -(-base.size // CHUNK)
+    step = -(-chunks // max(1, parts)) * CHUNK
+    spans = [(a, min(a + step, base.size)) for a in range(0, base.size, step)]
+    results = list(mapper(lambda span: _span_stats(rows, limits, densities, *span), spans))
+    st, below = results[0]
+    for more, more_below in results[1:]:
+        st.add(more)
+        below += more_below
+    st.gram = np.triu(st.gram) + np.triu(st.gram, 1).T
+    st.kept = np.maximum(np.diag(st.gram)[1:] - below, 0)  # rounding may dip below 0
+    return st
+
+
+def _span_stats(
+    rows: Sequence[np.ndarray], limits: np.ndarray, densities: Sequence[float], lo: int, hi: int
+) -> tuple[Stats, np.ndarray]:
+    """Sums over entries [lo, hi), one CHUNK at a time while it is in cache (the Gram matrix
+    upper triangle only), and each task vector's squared norm below each threshold.
+
+    The squared norm below t is sum(min(|d|, t)^2) minus t^2 times the count at or above t,
+    which avoids gathering the kept entries.
+    """
+    n, nd = len(rows) - 1, len(densities)
+    st = Stats.empty(n, densities)
+    st.numel = hi - lo
+    ws = _Workspace(n, nd, min(CHUNK, hi - lo))
+    ws.limit[...] = limits[:, :, None]  # np.minimum is slow with a scalar
     below = np.zeros((nd, n))
-    for start in range(0, base.size, CHUNK):
-        stop = min(start + CHUNK, base.size)
+    for start in range(lo, hi, CHUNK):
+        stop = min(start + CHUNK, hi)
         m = stop - start
         blocks = [row[start:stop] for row in rows]
         for i in range(n + 1):
@@ -129,9 +161,11 @@ def tensor_stats(
                 st.gram[i, j] += float(np.dot(blocks[i], blocks[j]))
         for i in range(n):
             mag = np.abs(blocks[i + 1], out=ws.mag[i, :m])
-            np.greater(mag, 0, out=ws.changed[i, :m])
-            np.signbit(blocks[i + 1], out=ws.negative[i, :m])
-            for k, t in enumerate(limits[i]):
+            if n > 1:
+                np.greater(mag, 0, out=ws.changed[i, :m])
+                np.signbit(blocks[i + 1], out=ws.negative[i, :m])
+            for k in range(nd):
+                t = float(limits[i, k])
                 clipped = np.minimum(mag, ws.limit[i, k, :m], out=ws.clipped[:m])
                 keep = (np.greater_equal if t > 0 else np.greater)(mag, t, out=ws.kept[i, k, :m])
                 below[k, i] += float(np.dot(clipped, clipped)) - t * t * np.count_nonzero(keep)
@@ -147,6 +181,4 @@ def tensor_stats(
                     st.top_both[k, i, j] += np.count_nonzero(pair)
                     pair &= opposite
                     st.top_conflicts[k, i, j] += np.count_nonzero(pair)
-    st.gram = np.triu(st.gram) + np.triu(st.gram, 1).T
-    st.kept = np.diag(st.gram)[1:] - below
-    return st
+    return st, below

@@ -73,12 +73,18 @@ def _model_findings(models: Sequence[dict], densities: Sequence[float]) -> list[
         if name in odd:
             found.append(_finding("base", "warning", name, f"{name} {STRANGER}: {odd[name]}"))
             continue
+        if m["task_norm"] is None:
+            text = f"{name} has NaN or infinite weights: its figures are n/a"
+            found.append(_finding("values", "warning", name, text))
+            continue
         if not m["task_norm"]:
             found.append(
                 _finding("base", "warning", name, f"{name} equals the base: it adds nothing")
             )
             continue
         kept = m["kept_energy"][density_key(low)]
+        if kept is None:
+            continue
         if kept >= CONCENTRATED:
             found.append(
                 _finding(
@@ -178,7 +184,7 @@ def _pair_findings(
 def recommend(models: Sequence[dict], pairs: Sequence[dict], densities: Sequence[float]) -> dict:
     """The methods to try and why, from the pairs of fine-tunes that share the base."""
     odd = set(strangers(models))
-    keep = [m["model"] for m in models if m["model"] not in odd and m["task_norm"]]
+    keep = [m["model"] for m in models if m["model"] not in odd and m["task_norm"] != 0]
     pairs = [p for p in pairs if set(p["models"]) <= set(keep)]
     prefix = f"leave out {', '.join(sorted(odd))} (it {STRANGER}); then " if odd else ""
     density = middle_density(densities)

@@ -24,7 +24,7 @@ def top_count(density: float, n: int) -> int:
 
 
 def kth_largest(xp, a: Array, k: int) -> Array:
-    """The k-th largest value (1 <= k <= n) of the flat array `a`, as a 0-d array."""
+    """The k-th largest value (1 <= k <= n) of the flat array `a` (a 0-d array or scalar)."""
     n = a.shape[0]
     lib = backend.library_name(a)
     if lib in ("numpy", "cupy"):
@@ -55,10 +55,10 @@ def top_mask(xp, x: Array, k: int) -> Array:
         return xp.reshape(a >= 0, shape)
     threshold = kth_largest(xp, a, k)
     at_least = a >= threshold
-    if int(xp.sum(xp.astype(at_least, xp.int64))) == k:
+    if int(xp.count_nonzero(at_least)) == k:
         return xp.reshape(at_least, shape)
     above = a > threshold
-    needed = k - int(xp.sum(xp.astype(above, xp.int64)))
+    needed = k - int(xp.count_nonzero(above))
     equal = a == threshold
     order = xp.cumulative_sum(xp.astype(equal, xp.int64))  # 1-based rank among equal entries
     return xp.reshape(above | (equal & (order <= needed)), shape)

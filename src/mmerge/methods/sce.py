@@ -36,7 +36,7 @@ def sce(xp, tensors, *, base, select_topk):
     if select_topk < 1:
         mean = model_sum(deltas) * (1.0 / m)  # see _common.reciprocal_note
         variance = model_sum([(d - mean) * (d - mean) for d in deltas]) * (1.0 / m)
-        nonzero = int(xp.sum(xp.astype(variance != 0, xp.int64)))
+        nonzero = int(xp.count_nonzero(variance))
         keep = topk.top_mask(xp, variance, int(select_topk * nonzero))
         deltas = [xp.where(keep, d, 0.0) for d in deltas]
     size = math.prod(base.shape)

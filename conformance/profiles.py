@@ -20,7 +20,7 @@ _QUIET = [
 settings.register_profile(
     "ci",
     derandomize=True,
-    max_examples=6,
+    max_examples=20,
     deadline=None,
     database=None,
     suppress_health_check=_QUIET,

@@ -124,19 +124,14 @@ def inputs(
 
 
 def _bounded_float(p: Param) -> st.SearchStrategy[float]:
-    lo = -2.0 if p.low is None else p.low
-    hi = 2.0 if p.high is None else p.high
-    edges = [
-        v
-        for v, is_open in ((p.low, p.low_open), (p.high, p.high_open))
-        if v is not None and not is_open
-    ]
-    inside = st.floats(lo, hi, exclude_min=p.low_open, exclude_max=p.high_open)
-    return (
-        st.one_of(st.sampled_from([p.default, *edges]), inside)
-        if edges
-        else st.one_of(st.just(p.default), inside)
-    )
+    """Values a recipe would use: closed bounds and the default often, otherwise normal floats
+    at least 1e-6 from an open bound (test_contract tests the extreme values separately)."""
+    lo = -2.0 if p.low is None else p.low + (1e-6 if p.low_open else 0.0)
+    hi = 2.0 if p.high is None else p.high - (1e-6 if p.high_open else 0.0)
+    bounds = ((p.low, p.low_open), (p.high, p.high_open))
+    closed = [v for v, is_open in bounds if v is not None and not is_open]
+    inside = st.floats(lo, hi, allow_subnormal=False)
+    return st.sampled_from([p.default, *closed]) | inside
 
 
 def param_value(p: Param) -> st.SearchStrategy[Any]:

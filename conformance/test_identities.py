@@ -1,6 +1,7 @@
 """Identities of spec/methods.md: linear (1, 0) is the first model; slerp t=0/1 are the
 endpoints; task arithmetic with zero weights is the base; merging copies of one model returns
-it; one fine-tune under TIES with density 1 is task arithmetic."""
+it; one fine-tune under TIES with density 1 is task arithmetic; every sparse method at density 1
+is its unsparsified combination; all-zero task vectors give the base."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from conformance.profiles import PROFILE
 from conformance.run import Call, calls, merge_on_host
 from conformance.strategies import inputs
 from conformance.tolerance import assert_close, assert_equal_values
+from mmerge.methods import get
 
 
 @PROFILE
@@ -55,7 +57,7 @@ def test_merging_copies_of_a_model_returns_it(backend, name, data):
     inp = call.inputs
     if case.base_is_a_model and inp.base is not None:
         inp.base = inp.models[0]
-    assume(case.self_merge_when(inp))
+    assume(case.self_merge_when(inp, call.params))
     assert_close(
         merge_on_host(backend, call), inp.models[0], inp.dtype, inp.scale, case.rtol32, name
     )
@@ -75,3 +77,40 @@ def test_ties_of_one_model_at_density_one_is_task_arithmetic(backend, data):
         ties = merge_on_host(backend, Call("ties", got, {"lambda": lam, "density": 1.0}))
         task = merge_on_host(backend, Call("task_arithmetic", got, {"lambda": lam}))
         assert_equal_values(ties, task, "ties(normalize=true) vs task_arithmetic, weight 1")
+
+
+WITH_TASK_VECTORS = sorted(n for n in CASES if get(n).needs_base)
+
+
+@pytest.mark.parametrize("name", WITH_TASK_VECTORS)
+@PROFILE
+@given(data=st.data())
+def test_zero_task_vectors_give_the_base(backend, name, data):
+    call = data.draw(calls(name, backend.float_dtypes()))
+    inp = call.inputs
+    inp.models = [inp.base.copy() for _ in inp.models]
+    assert_equal_values(merge_on_host(backend, call), inp.base, f"{name}, all models = base")
+
+
+UNSPARSIFIED = {
+    "ties": "ties",
+    "dare_ties": "ties",
+    "breadcrumbs_ties": "ties",
+    "della": "ties",
+    "dare_linear": "task_arithmetic",
+    "breadcrumbs": "task_arithmetic",
+    "della_linear": "task_arithmetic",
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNSPARSIFIED))
+@PROFILE
+@given(data=st.data())
+def test_density_one_is_the_unsparsified_combination(backend, name, data):
+    call = data.draw(calls(name, backend.float_dtypes(), fixed={"density": 1.0}))
+    plain = UNSPARSIFIED[name]
+    shared = {p.name for p in get(plain).params} - {"density", "rescale"}
+    params = {k: v for k, v in call.params.items() if k in shared}
+    params.setdefault("normalize", get(name).param("normalize").default)
+    want = merge_on_host(backend, Call(plain, call.inputs, params))
+    assert_equal_values(merge_on_host(backend, call), want, f"{name} at density 1 vs {plain}")

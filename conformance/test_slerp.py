@@ -18,8 +18,9 @@ TOL = {"float32": 1e-5, "float64": 1e-12}  # norm; angles get TOL / sin(theta)-s
 
 
 def _angle(u: np.ndarray, v: np.ndarray) -> float:
-    cos = float(u @ v) / float(np.linalg.norm(u) * np.linalg.norm(v))
-    return math.acos(min(1.0, max(-1.0, cos)))
+    """The angle between u and v, accurate also near 0 and pi (acos of the cosine is not)."""
+    a, b = u / np.linalg.norm(u), v / np.linalg.norm(v)
+    return 2.0 * math.atan2(float(np.linalg.norm(a - b)), float(np.linalg.norm(a + b)))
 
 
 @st.composite

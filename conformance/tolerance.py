@@ -29,12 +29,13 @@ def _where(mask: np.ndarray, got: np.ndarray, want: np.ndarray) -> str:
 
 
 def assert_identical(got: np.ndarray, want: np.ndarray, what: str = "") -> None:
-    """Same shape, dtype and bits (NaN payloads and the sign of zero included)."""
+    """Same shape, dtype and bits (the sign of zero included; any NaN equals any NaN)."""
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
     g = np.ascontiguousarray(got).view(f"u{got.dtype.itemsize}")
     w = np.ascontiguousarray(want).view(f"u{want.dtype.itemsize}")
-    differ = g != w
+    nan = np.isnan(as_f64(got)) & np.isnan(as_f64(want))
+    differ = (g != w) & ~nan
     assert not differ.any(), f"{what}: not bit-identical: {_where(differ, got, want)}"
 
 

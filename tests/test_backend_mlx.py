@@ -288,6 +288,9 @@ def test_asarray_keeps_float64_and_exact_dtypes():
     assert xp.asarray([1, 2]).dtype == mx.int64
     assert xp.asarray(3).dtype == mx.int64 and xp.asarray(True).dtype == mx.bool_
     assert xp.asarray(1.0, dtype=xp.float16).dtype == mx.float16
+    # a Python float with an explicit dtype is converted once, from its exact value
+    assert host(xp.asarray(0.1, dtype=xp.float64)).item() == 0.1
+    assert host(xp.asarray([0.1, 1e300], dtype=xp.float64)).tolist() == [0.1, 1e300]
     assert xp.asarray(x64, dtype=xp.float32).dtype == mx.float32
 
 
@@ -359,3 +362,23 @@ def test_backend_helpers_work_on_mlx_arrays():
     assert backend.as_compute(xp, m).dtype == mx.float32
     with pytest.raises(InvalidInput, match="mixed array libraries"):
         backend.namespace(m, np.zeros(2))
+
+
+@pytest.mark.parametrize(
+    ("name", "ref"),
+    [("sin", np.sin), ("cos", np.cos), ("exp", np.exp), ("logaddexp", np.logaddexp)],
+)
+def test_float64_transcendentals_are_float64_accurate(name, ref):
+    x = np.random.default_rng(1).uniform(-40, 40, 2000)
+    args = (x, np.ascontiguousarray(x[::-1])) if name == "logaddexp" else (x,)
+    got = getattr(xp, name)(*(mx.array(a, dtype=mx.float64) for a in args))
+    assert got.dtype == mx.float64
+    np.testing.assert_allclose(host(got), ref(*args), rtol=4e-16, atol=0)
+    low = getattr(xp, name)(*(mx.array(a.astype(np.float32)) for a in args))
+    assert low.dtype == mx.float32
+
+
+def test_float64_transcendentals_keep_nan_and_inf():
+    x = mx.array(np.array([np.nan, np.inf, -np.inf]), dtype=mx.float64)
+    np.testing.assert_array_equal(host(xp.exp(x)), np.exp(np.array([np.nan, np.inf, -np.inf])))
+    assert np.isnan(host(xp.sin(x))).all()

@@ -78,3 +78,29 @@ def test_top_mask_float64_stays_exact():
     a = np.array([1e-300, 3e-300, 2e-300], dtype=np.float64)
     xp, x = on("numpy", a)
     assert to_numpy(topk.top_mask(xp, x, 1)).tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize(
+    "kind", ["normal", "sorted", "periodic", "few_values", "spike"]
+)
+@pytest.mark.parametrize("density", [0.001, 0.3, 0.5, 0.999])
+def test_bracketed_kth_is_exact_on_large_arrays(kind, density):
+    """numpy's sample-bracketed selection (arrays >= 2**16) equals a full sort, including
+    inputs built so the strided sample misses and the full partition fallback runs."""
+    from mmerge.backend.topk import _bracketed_kth, kth_largest
+
+    n = 200_003
+    rng = np.random.default_rng(1)
+    a = {
+        "normal": rng.standard_normal(n),
+        "sorted": np.sort(rng.standard_normal(n)),
+        "periodic": np.tile(np.arange(12, dtype=np.float64), n // 12 + 1)[:n],
+        "few_values": rng.integers(0, 3, n).astype(np.float64),
+        "spike": np.where(np.arange(n) % 12 == 0, 0.0, rng.standard_normal(n) + 100),
+    }[kind].astype(np.float32)
+    a = np.abs(a)
+    k = max(1, int(density * n))
+    want = np.sort(a)[n - k]
+    assert kth_largest(np, a, k) == want
+    fast = _bracketed_kth(a, k)
+    assert fast is None or fast == want

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mmerge.engine.allocator import keep_chunk_memory
 from mmerge.engine.plan import Plan, PlanItem
 
-CHUNK_ELEMENTS = 1 << 21  # 8 MiB of float32 per input per chunk
+CHUNK_ELEMENTS = 1 << 19  # 2 MiB of float32 per input per chunk: stays in cache
 MEMORY_BUDGET = 640 << 20  # bytes of working memory the tasks in flight may hold together
 
 
@@ -31,6 +32,7 @@ class Execution:
     compute_dtype: str = "float32"
     workers: int = 2
     on_progress: Callable[[int], None] | None = None  # called with bytes written
+    chunk_elements: int = CHUNK_ELEMENTS
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class _Task:
     start: int
     stop: int
     whole: bool  # the method needs the whole tensor at once
+    prepared: list | None = None  # per-model survivors decided from whole task vectors
 
     def cost(self) -> int:
         """Working bytes this task holds: its inputs and a few temporaries in compute dtype."""
@@ -48,17 +51,28 @@ class _Task:
 
 
 def tasks_for(item: PlanItem, chunk: int = CHUNK_ELEMENTS) -> list[_Task]:
-    """The tasks that compute `item`: chunks for copies and elementwise methods, else one."""
+    """The tasks that compute `item`: chunks for copies, elementwise methods and (once
+    prepared) trim methods on large tensors; else one whole-tensor task."""
     n = item.numel
-    if item.is_copy or item.method.elementwise:
+    if item.is_copy or item.method.elementwise or _chunked_after_prepare(item, chunk):
         bounds = list(range(0, n, chunk)) or [0]
         return [_Task(item, s, min(s + chunk, n), False) for s in bounds]
     return [_Task(item, 0, n, True)]
 
 
+def _chunked_after_prepare(item: PlanItem, chunk: int) -> bool:
+    return item.method.prepare is not None and item.base is not None and item.numel > chunk
+
+
+def prepare_cost(item: PlanItem) -> int:
+    """Bytes held while preparing: one task vector and one |task vector| scratch."""
+    return 2 * 4 * item.numel
+
+
 def estimate_peak(plan: Plan) -> int:
     """Working memory the executor may hold at once (tasks in flight), for --dry-run."""
     costs = [t.cost() for item in plan.items for t in tasks_for(item)]
+    costs += [prepare_cost(i) for i in plan.items if _chunked_after_prepare(i, CHUNK_ELEMENTS)]
     biggest = max(costs, default=0)
     return max(biggest, min(MEMORY_BUDGET, sum(sorted(costs)[-2:])))
 
@@ -85,8 +99,27 @@ def _host_dtype(compute_dtype: str):
     return np.float64 if compute_dtype == "float64" else np.float32
 
 
-def _read(ref, task: _Task, dtype) -> np.ndarray:
-    flat = ref.read_float32(task.start, task.stop)
+_scratch = threading.local()
+
+
+def _buffer(slot: int, n: int) -> np.ndarray:
+    """A float32 buffer of `n` elements owned by this thread, reused across chunks.
+
+    Reusing it spares a fresh allocation (and its page faults) per chunk per input.
+    """
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buf = buffers.get(slot)
+    if buf is None or buf.size < n:
+        buf = buffers[slot] = np.empty(max(n, CHUNK_ELEMENTS), np.float32)
+    return buf[:n]
+
+
+def _read(ref, task: _Task, dtype, slot: int) -> np.ndarray:
+    n = task.stop - task.start
+    out = None if task.whole else _buffer(slot, n)
+    flat = ref.read_float32(task.start, task.stop, out=out)
     if dtype is np.float64:
         flat = flat.astype(np.float64)
     return flat if not task.whole else flat.reshape(task.item.shape)
@@ -98,12 +131,48 @@ def _compute(task: _Task, run: Execution) -> np.ndarray:
 
     item = task.item
     dtype = _host_dtype(run.compute_dtype)
-    tensors = [to_backend(_read(r, task, dtype), run.backend, run.device) for r in item.sources]
+    tensors = [
+        to_backend(_read(r, task, dtype, i), run.backend, run.device)
+        for i, r in enumerate(item.sources)
+    ]
     base = None
     if item.base is not None:
-        base = to_backend(_read(item.base, task, dtype), run.backend, run.device)
-    merged = item.method(tensors, base=base, tensor_name=item.name, **item.params)
+        base = to_backend(_read(item.base, task, dtype, -1), run.backend, run.device)
+    merged = item.method(
+        tensors,
+        base=base,
+        tensor_name=item.name,
+        prepared=task.prepared,
+        start=task.start,
+        **item.params,
+    )
     return to_host(merged)
+
+
+def prepare(item: PlanItem, run: Execution) -> list:
+    """Each model's survivors (trim rule, rescale factor) from its whole task vector, one model
+    at a time: the task vector is assembled chunk by chunk into a single reused buffer."""
+    from mmerge.backend import namespace
+    from mmerge.backend.transfer import to_backend
+
+    n, chunk = item.numel, run.chunk_elements
+    delta = np.empty(n, _host_dtype(run.compute_dtype))
+    params = item.method.resolve(len(item.sources), item.params)
+    params["tensor_name"] = item.name
+    survivors = []
+    for i, ref in enumerate(item.sources):
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            piece = _Task(item, s, e, False)
+            dtype = delta.dtype.type
+            np.subtract(
+                _read(ref, piece, dtype, 0), _read(item.base, piece, dtype, 1), out=delta[s:e]
+            )
+        d = to_backend(delta, run.backend, run.device)
+        survivors.append(item.method.prepare(namespace(d), d, i, **params))
+    for ref in item.inputs():
+        ref.release()
+    return survivors
 
 
 _BIT_VIEWS = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
@@ -130,6 +199,7 @@ def _run_task(task: _Task, writer, run: Execution) -> None:
 
 def execute(plan: Plan, writer, run: Execution = Execution()) -> None:
     """Compute every pending tensor of `plan` into `writer` (which knows what is done)."""
+    keep_chunk_memory()
     pending = set(writer.pending())
     items = [item for item in plan.items if item.name in pending]
     remaining = {}
@@ -159,7 +229,15 @@ def execute(plan: Plan, writer, run: Execution = Execution()) -> None:
 
     def all_tasks() -> Iterator[_Task]:
         for item in items:
-            ts = tasks_for(item)
+            ts = tasks_for(item, run.chunk_elements)
+            if _chunked_after_prepare(item, run.chunk_elements):
+                cost = prepare_cost(item)
+                budget.acquire(cost)
+                try:
+                    survivors = prepare(item, run)
+                finally:
+                    budget.release(cost)
+                ts = [_Task(t.item, t.start, t.stop, False, survivors) for t in ts]
             remaining[item.name] = len(ts)
             yield from ts
 

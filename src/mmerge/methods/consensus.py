@@ -49,9 +49,14 @@ def disjoint_merge(
     weighted = [d * w for d, w in zip(deltas, weights)]
     votes = deltas if election == "sum" else weighted
     positive = elect(votes, election, xp)
-    agree = [xp.where(positive, v > 0, v < 0) for v in votes]
-    mixed = model_sum([xp.where(m, wd, 0.0) for m, wd in zip(agree, weighted)])
+    negative = ~positive
+    # boolean logic and products with 0/1 masks rather than where(): same values for finite
+    # inputs, and many times faster on irregular masks
+    agree = [
+        xp.astype((positive & (v > 0)) | (negative & (v < 0)), weighted[0].dtype) for v in votes
+    ]
+    mixed = model_sum([m * wd for m, wd in zip(agree, weighted)])
     if normalize:
-        divisor = model_sum([xp.astype(m, mixed.dtype) * w for m, w in zip(agree, weights)])
+        divisor = model_sum([m * w for m, w in zip(agree, weights)])
         mixed = mixed / xp.where(divisor == 0, 1.0, divisor)
     return mixed

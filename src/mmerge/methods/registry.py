@@ -70,8 +70,8 @@ class Param:
             if isinstance(value, bool):
                 raise TypeError
             num = self.kind(value)
-            if self.kind is int and num != float(value):
-                raise ValueError
+            if self.kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError  # not float(value) == num: floats cannot hold every int64
         except (TypeError, ValueError):
             raise InvalidInput(f"{where} must be a number, got {value!r}") from None
         if self.kind is float and not math.isfinite(num):
@@ -100,6 +100,9 @@ class MethodSpec:
     random: bool = False  # uses `seed` and the tensor name (DARE, DELLA)
     reference: str = ""
     aliases: tuple[str, ...] = field(default=())
+    # prepare(xp, delta_i, i, **resolved) -> Survivors: model i's trim decided from its whole
+    # task vector, so the engine can merge a large tensor chunk by chunk (TIES, DARE, ...).
+    prepare: Callable[..., Any] | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -154,9 +157,15 @@ class MethodSpec:
         *,
         base: Array | None = None,
         tensor_name: str = "",
+        prepared: list | None = None,
+        start: int = 0,
         **params: Any,
     ) -> Array:
-        """Merge `tensors` (one per model) into one array of the same library, device, dtype."""
+        """Merge `tensors` (one per model) into one array of the same library, device, dtype.
+
+        `prepared` (from `prepare`) and `start` let a chunk of a larger tensor be merged: the
+        inputs are its flat entries start .. start+n-1.
+        """
         tensors = list(tensors)
         self.check_count(len(tensors), base is not None)
         resolved = self.resolve(len(tensors), params)
@@ -173,6 +182,8 @@ class MethodSpec:
         work_base = None if base is None else backend.as_compute(xp, base)
         if self.random:
             resolved["tensor_name"] = tensor_name
+        if prepared is not None:
+            resolved.update(prepared=prepared, start=start)
         result = self.body(xp, work, base=work_base, **resolved)
         return result if result.dtype == out_dtype else xp.astype(result, out_dtype)
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from mmerge import backend
@@ -26,53 +28,98 @@ def rescaled(xp, delta: Array, kept: Array, rescale: str, keep_prob: float | Arr
     if rescale == "none":
         return kept
     if rescale == "inverse_density":
-        if isinstance(keep_prob, float):
-            return kept * (1.0 / keep_prob)  # see _common.reciprocal_note
-        return kept / keep_prob
+        # a float p multiplies by its reciprocal: see _common.reciprocal_note
+        scaled = kept * (1.0 / keep_prob) if isinstance(keep_prob, float) else kept / keep_prob
+        return xp.where(kept == 0, kept, scaled)  # 1/p may overflow: 0 * inf would be NaN
+    factor = l1_factor(xp, delta, kept)
+    return kept if factor is None else kept * factor
+
+
+def l1_factor(xp, delta: Array, kept: Array) -> float | None:
+    """sum|delta| / sum|kept| (fixed-order sums), or None when either is below L1_EPS."""
     before = fixed_order_sum(xp, xp.abs(delta))
     after = fixed_order_sum(xp, xp.abs(kept))
     if before < L1_EPS or after < L1_EPS:
+        return None
+    return before / after
+
+
+@dataclass(frozen=True)
+class Survivors:
+    """Which entries of one task vector survive a trim or drop, decided from the whole flat
+    vector, and the factor they are multiplied by (None: unchanged). `mask(chunk, start)`
+    gives the keep mask of flat entries start .. start+len(chunk)-1, so a large tensor can be
+    merged chunk by chunk with the same bits as in one piece."""
+
+    mask: Callable[[Array, int], Array] | None  # None: everything survives
+    factor: float | None = None
+
+
+def survivors_of(
+    xp, delta: Array, mask: Callable[[Array, int], Array], rescale: str, density: float
+) -> Survivors:
+    """Survivors of the flat `delta` under `mask`, with the rescale factor `rescale` asks for."""
+    if rescale == "none":
+        return Survivors(mask)
+    if rescale == "inverse_density":
+        return Survivors(mask, 1.0 / density)
+    return Survivors(mask, l1_factor(xp, delta, xp.where(mask(delta, 0), delta, 0.0)))
+
+
+def apply_survivors(xp, delta: Array, survivors: Survivors, start: int = 0) -> Array:
+    """`delta` (any shape; flat entries from `start`) with dropped entries zeroed, rescaled."""
+    if survivors.mask is None:
+        return delta
+    flat = xp.reshape(delta, (-1,))
+    # a product with the 0/1 mask, not where(): the same values for finite inputs (a dropped
+    # entry may be -0), and many times faster where the mask is irregular
+    kept = xp.reshape(flat * xp.astype(survivors.mask(flat, start), flat.dtype), delta.shape)
+    if survivors.factor is None:
         return kept
-    return kept * (before / after)
+    if math.isfinite(survivors.factor):
+        return kept * survivors.factor
+    return xp.where(kept == 0, kept, kept * survivors.factor)  # 0 * inf would be NaN
 
 
-def magnitude(xp, delta: Array, density: float, rescale: str) -> Array:
+def magnitude(xp, delta: Array, density: float, rescale: str) -> Survivors:
     """TIES trim: keep the k = max(1, int(density*n)) largest |delta| (lower index wins ties)."""
     if density >= 1:
-        return delta
-    mask = topk.top_mask(xp, delta, topk.top_count(density, _size(delta)))
-    return rescaled(xp, delta, xp.where(mask, delta, 0.0), rescale, density)
+        return Survivors(None)
+    flat = xp.reshape(delta, (-1,))
+    rule = topk.top_rule(xp, flat, topk.top_count(density, _size(flat)))
+    return survivors_of(
+        xp, flat, lambda x, start: topk.rule_mask(xp, x, rule, start), rescale, density
+    )
 
 
-def outlier_band(xp, delta: Array, density: float, gamma: float, rescale: str) -> Array:
+def outlier_band(xp, delta: Array, density: float, gamma: float, rescale: str) -> Survivors:
     """Breadcrumbs: drop the int(gamma*n) largest |delta|, keep the next int(density*n)."""
     if density >= 1:
-        return delta
-    n = _size(delta)
+        return Survivors(None)
+    flat = xp.reshape(delta, (-1,))
+    n = _size(flat)
     keep = int(density * n)
     top = int(gamma * n)
     top = min(top, n - keep)  # too many outliers for the density: drop fewer of them
-    mask = topk.band_mask(xp, delta, top, keep)
-    return rescaled(xp, delta, xp.where(mask, delta, 0.0), rescale, density)
+    return survivors_of(xp, flat, topk.band_rule(xp, flat, top, keep), rescale, density)
 
 
 def random_drop(
     xp, delta: Array, density: float, rescale: str, *, seed: int, name: str, stream: int
-) -> Array:
+) -> Survivors:
     """DARE: keep each entry with probability `density` by the counter-based mask of backend.rng."""
     if density >= 1:
-        return delta
-    flat = rng.keep_mask(
-        xp,
-        _size(delta),
-        rng.keep_threshold(density),
-        seed=seed,
-        name=name,
-        stream=stream,
-        device=backend.device_of(delta),
-    )
-    mask = xp.reshape(flat, delta.shape)
-    return rescaled(xp, delta, xp.where(mask, delta, 0.0), rescale, density)
+        return Survivors(None)
+    flat = xp.reshape(delta, (-1,))
+    threshold = rng.keep_threshold(density)
+    device = backend.device_of(delta)
+
+    def mask(x: Array, start: int) -> Array:
+        return rng.keep_mask(
+            xp, _size(x), threshold, seed=seed, name=name, stream=stream, start=start, device=device
+        )
+
+    return survivors_of(xp, flat, mask, rescale, density)
 
 
 def check_della(method: str, density: tuple[float, ...], epsilon: tuple[float, ...]) -> None:

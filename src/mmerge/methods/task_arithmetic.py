@@ -15,6 +15,8 @@ from mmerge.methods._common import finite_result, require_finite
 from mmerge.methods.consensus import disjoint_merge, weighted_sum
 from mmerge.methods.registry import register
 from mmerge.methods.sparsify import (
+    Survivors,
+    apply_survivors,
     check_della,
     della_drop,
     magnitude,
@@ -30,21 +32,76 @@ def _merge(
     method: str,
     tensors: list[Array],
     base: Array,
-    sparsify: Callable[[int, Array], Array],
+    sparsify: Callable[[int, Array], Survivors | Array],
     *,
     weight: tuple[float, ...],
     normalize: bool,
     lam: float,
     election: str | None,
+    prepared: list[Survivors] | None = None,
+    start: int = 0,
 ) -> Array:
-    """base + lambda * combine(sparsify(theta_i - base)); inputs must be finite."""
+    """base + lambda * combine(sparsify(theta_i - base)); inputs must be finite.
+
+    `prepared` holds each model's survivors decided from its whole task vector, when the
+    inputs are a chunk (flat entries from `start`) of a larger tensor.
+    """
     require_finite(xp, method, tensors, base)
-    deltas = [sparsify(i, x - base) for i, x in enumerate(tensors)]
+    deltas = [x - base for x in tensors]
+    kept = prepared if prepared is not None else [sparsify(i, d) for i, d in enumerate(deltas)]
+    deltas = [
+        apply_survivors(xp, d, k, start) if isinstance(k, Survivors) else k
+        for d, k in zip(deltas, kept)
+    ]
     if election is None:
         mixed = weighted_sum(xp, deltas, weight, normalize=normalize)
     else:
         mixed = disjoint_merge(xp, deltas, weight, election=election, normalize=normalize)
     return base + mixed * lam
+
+
+def _sparse_body(method: str, trim: Callable[..., Survivors | Array], consensus: bool):
+    """The body of a trim-then-combine method: `trim(xp, delta_i, i, **params)` per model, then
+    a weighted sum, or TIES' election and disjoint mean when `consensus`."""
+
+    def body(xp, tensors, *, base, weight, normalize, prepared=None, start=0, **params):
+        return _merge(
+            xp,
+            method,
+            tensors,
+            base,
+            lambda i, d: trim(xp, d, i, **params),
+            weight=weight,
+            normalize=normalize,
+            lam=params["lambda"],
+            election=params["election"] if consensus else None,
+            prepared=prepared,
+            start=start,
+        )
+
+    return body
+
+
+def _ties_trim(xp, delta, i, *, density, rescale, **_):
+    return magnitude(xp, delta, density[i], rescale)
+
+
+def _dare_drop(xp, delta, i, *, density, rescale, seed, tensor_name, **_):
+    return random_drop(xp, delta, density[i], rescale, seed=seed, name=tensor_name, stream=i)
+
+
+def _band(xp, delta, i, *, density, gamma, rescale, **_):
+    return outlier_band(xp, delta, density[i], gamma[i], rescale)
+
+
+def _della_drop(method: str):
+    def trim(xp, delta, i, *, density, epsilon, rescale, seed, tensor_name, **_):
+        check_della(method, density, epsilon)
+        return della_drop(
+            xp, delta, density[i], epsilon[i], rescale, seed=seed, name=tensor_name, stream=i
+        )
+
+    return trim
 
 
 @register(
@@ -60,7 +117,7 @@ def task_arithmetic(xp, tensors, *, base, weight, normalize, **kw):
     return finite_result(xp, "task_arithmetic", base + mixed * kw["lambda"], tensors, base)
 
 
-@register(
+ties = register(
     "ties",
     "TIES: trim each task vector to its top-density magnitudes, elect signs, disjoint mean",
     params=(
@@ -72,41 +129,9 @@ def task_arithmetic(xp, tensors, *, base, weight, normalize, **kw):
         P.rescale("none"),
     ),
     needs_base=True,
+    prepare=_ties_trim,
     reference="Yadav et al. 2023, TIES-Merging, arXiv:2306.01708",
-)
-def ties(xp, tensors, *, base, weight, density, normalize, election, rescale, **kw):
-    return _merge(
-        xp,
-        "ties",
-        tensors,
-        base,
-        lambda i, d: magnitude(xp, d, density[i], rescale),
-        weight=weight,
-        normalize=normalize,
-        lam=kw["lambda"],
-        election=election,
-    )
-
-
-def _dare(method: str, consensus: bool):
-    def body(xp, tensors, *, base, weight, density, normalize, rescale, seed, tensor_name, **kw):
-        def drop(i, d):
-            return random_drop(xp, d, density[i], rescale, seed=seed, name=tensor_name, stream=i)
-
-        return _merge(
-            xp,
-            method,
-            tensors,
-            base,
-            drop,
-            weight=weight,
-            normalize=normalize,
-            lam=kw["lambda"],
-            election=kw["election"] if consensus else None,
-        )
-
-    return body
-
+)(_sparse_body("ties", _ties_trim, consensus=True))
 
 _DARE_REF = "Yu et al. 2024, Language Models are Super Mario (DARE), arXiv:2311.03099"
 
@@ -116,8 +141,9 @@ dare_linear = register(
     params=(P.WEIGHT, P.density(), P.LAMBDA, P.normalize(False), P.rescale("l1"), P.SEED),
     needs_base=True,
     random=True,
+    prepare=_dare_drop,
     reference=_DARE_REF,
-)(_dare("dare_linear", consensus=False))
+)(_sparse_body("dare_linear", _dare_drop, consensus=False))
 
 dare_ties = register(
     "dare_ties",
@@ -133,25 +159,9 @@ dare_ties = register(
     ),
     needs_base=True,
     random=True,
+    prepare=_dare_drop,
     reference=_DARE_REF,
-)(_dare("dare_ties", consensus=True))
-
-
-def _breadcrumbs(method: str, consensus: bool):
-    def body(xp, tensors, *, base, weight, density, gamma, normalize, rescale, **kw):
-        return _merge(
-            xp,
-            method,
-            tensors,
-            base,
-            lambda i, d: outlier_band(xp, d, density[i], gamma[i], rescale),
-            weight=weight,
-            normalize=normalize,
-            lam=kw["lambda"],
-            election=kw["election"] if consensus else None,
-        )
-
-    return body
+)(_sparse_body("dare_ties", _dare_drop, consensus=True))
 
 
 _BREADCRUMBS_REF = "Davari & Belilovsky 2024, Model Breadcrumbs, arXiv:2312.06795"
@@ -168,8 +178,9 @@ breadcrumbs = register(
         P.rescale("none"),
     ),
     needs_base=True,
+    prepare=_band,
     reference=_BREADCRUMBS_REF,
-)(_breadcrumbs("breadcrumbs", consensus=False))
+)(_sparse_body("breadcrumbs", _band, consensus=False))
 
 breadcrumbs_ties = register(
     "breadcrumbs_ties",
@@ -184,34 +195,9 @@ breadcrumbs_ties = register(
         P.rescale("none"),
     ),
     needs_base=True,
+    prepare=_band,
     reference=_BREADCRUMBS_REF,
-)(_breadcrumbs("breadcrumbs_ties", consensus=True))
-
-
-def _della(method: str, consensus: bool):
-    def body(
-        xp, tensors, *, base, weight, density, epsilon, normalize, rescale, seed, tensor_name, **kw
-    ):
-        check_della(method, density, epsilon)
-
-        def drop(i, d):
-            return della_drop(
-                xp, d, density[i], epsilon[i], rescale, seed=seed, name=tensor_name, stream=i
-            )
-
-        return _merge(
-            xp,
-            method,
-            tensors,
-            base,
-            drop,
-            weight=weight,
-            normalize=normalize,
-            lam=kw["lambda"],
-            election=kw["election"] if consensus else None,
-        )
-
-    return body
+)(_sparse_body("breadcrumbs_ties", _band, consensus=True))
 
 
 _DELLA_REF = "Deep et al. 2024, DELLA-Merging (MagPrune), arXiv:2406.11617"
@@ -232,7 +218,7 @@ della = register(
     needs_base=True,
     random=True,
     reference=_DELLA_REF,
-)(_della("della", consensus=True))
+)(_sparse_body("della", _della_drop("della"), consensus=True))
 
 della_linear = register(
     "della_linear",
@@ -249,4 +235,4 @@ della_linear = register(
     needs_base=True,
     random=True,
     reference=_DELLA_REF,
-)(_della("della_linear", consensus=False))
+)(_sparse_body("della_linear", _della_drop("della_linear"), consensus=False))

@@ -55,3 +55,24 @@ def test_chunked_merge_equals_whole_tensor_merge(method, params, backend, bf16_f
     got = load(out)
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], np.asarray(value), err_msg=name)
+
+
+@pytest.mark.parametrize("params", [{"t": 0.3}, {"t": 0.7, "magnitude": "norm_interp"}])
+def test_chunked_slerp_equals_whole_tensor_slerp(params, bf16_family, tmp_path, monkeypatch):
+    """slerp's norms and dot are summed over the same blocks in the same order either way."""
+    from mmerge.methods import _common
+
+    monkeypatch.setattr(_common, "SUM_BLOCK", 32)
+    monkeypatch.setattr("mmerge.engine.execute.SUM_BLOCK", 32)
+    fam = bf16_family
+    ckpts = [open_checkpoint(fam[k]) for k in ("ft1", "ft2")]
+    sources = [Source(c, {}, label=k) for c, k in zip(ckpts, ("ft1", "ft2"))]
+    plan = build_plan(sources, method="slerp", params=params, out_dtype="float32")
+    run = Execution(chunk_elements=96)
+    embed = next(i for i in plan.items if i.name == "model.embed_tokens.weight")
+    assert len(tasks_for(embed, run.chunk_elements)) > 5
+    out = write_plan(plan, ckpts, OutputOptions(tmp_path / "out.safetensors"), run)
+    want = mmerge.merge_tensors([load(fam["ft1"]), load(fam["ft2"])], method="slerp", **params)
+    got = load(out)
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], np.asarray(value), err_msg=name)

@@ -18,6 +18,7 @@ import numpy as np
 
 from mmerge.engine.allocator import keep_chunk_memory
 from mmerge.engine.plan import Plan, PlanItem
+from mmerge.methods._common import SUM_BLOCK
 
 CHUNK_ELEMENTS = 1 << 19  # 2 MiB of float32 per input per chunk: stays in cache
 MEMORY_BUDGET = 640 << 20  # bytes of working memory the tasks in flight may hold together
@@ -61,12 +62,18 @@ def tasks_for(item: PlanItem, chunk: int = CHUNK_ELEMENTS) -> list[_Task]:
 
 
 def _chunked_after_prepare(item: PlanItem, chunk: int) -> bool:
-    return item.method.prepare is not None and item.base is not None and item.numel > chunk
+    """Large tensors of methods whose whole-tensor statistics can be gathered first."""
+    if item.numel <= chunk:
+        return False
+    if item.method.sums is not None:
+        return chunk % SUM_BLOCK == 0  # sums are exact only over whole blocks
+    return item.method.prepare is not None and item.base is not None
 
 
 def prepare_cost(item: PlanItem) -> int:
-    """Bytes held while preparing: one task vector and one |task vector| scratch."""
-    return 2 * 4 * item.numel
+    """Bytes held while preparing: one task vector and one |task vector| scratch (sums need
+    only chunk buffers)."""
+    return 0 if item.method.sums is not None else 2 * 4 * item.numel
 
 
 def estimate_peak(plan: Plan) -> int:
@@ -147,6 +154,29 @@ def _compute(task: _Task, run: Execution) -> np.ndarray:
         **item.params,
     )
     return to_host(merged)
+
+
+def gather(item: PlanItem, run: Execution):
+    """What a chunked merge of `item` needs from its whole tensors: additive sums, chunk by
+    chunk, or each model's survivors."""
+    if item.method.sums is None:
+        return prepare(item, run)
+    from mmerge.backend import namespace
+    from mmerge.backend.transfer import to_backend
+
+    dtype = _host_dtype(run.compute_dtype)
+    params = item.method.resolve(len(item.sources), item.params)
+    totals = None
+    for s in range(0, item.numel, run.chunk_elements):
+        piece = _Task(item, s, min(s + run.chunk_elements, item.numel), False)
+        arrays = [
+            to_backend(_read(r, piece, dtype, i), run.backend, run.device)
+            for i, r in enumerate(item.inputs())
+        ]
+        base = arrays.pop() if item.base is not None else None
+        part = item.method.sums(namespace(*arrays), arrays, base=base, **params)
+        totals = part if totals is None else tuple(a + b for a, b in zip(totals, part))
+    return totals
 
 
 def prepare(item: PlanItem, run: Execution) -> list:
@@ -234,7 +264,7 @@ def execute(plan: Plan, writer, run: Execution = Execution()) -> None:
                 cost = prepare_cost(item)
                 budget.acquire(cost)
                 try:
-                    survivors = prepare(item, run)
+                    survivors = gather(item, run)
                 finally:
                     budget.release(cost)
                 ts = [_Task(t.item, t.start, t.stop, False, survivors) for t in ts]

@@ -105,3 +105,19 @@ def model_sum(terms: Sequence[Array]) -> Array:
     for term in terms[1:]:
         total = total + term
     return total
+
+
+SUM_BLOCK = 1 << 16  # entries per block of `block_dots`; the engine's chunks are multiples
+
+
+def block_dots(xp, pairs: Sequence[tuple[Array, Array]]) -> tuple[float, ...]:
+    """sum(x * y) for each (x, y) pair of flat arrays, accumulated in float64 over blocks of
+    SUM_BLOCK entries in order, so a tensor summed whole or chunk by chunk (chunks made of whole
+    blocks, partial results added in order) gives the same float."""
+    totals = [0.0] * len(pairs)
+    n = pairs[0][0].shape[0] if pairs else 0
+    for s in range(0, n, SUM_BLOCK):
+        e = min(s + SUM_BLOCK, n)
+        for j, (x, y) in enumerate(pairs):
+            totals[j] += float(xp.vecdot(x[s:e], y[s:e]))
+    return tuple(totals)

@@ -103,6 +103,9 @@ class MethodSpec:
     # prepare(xp, delta_i, i, **resolved) -> Survivors: model i's trim decided from its whole
     # task vector, so the engine can merge a large tensor chunk by chunk (TIES, DARE, ...).
     prepare: Callable[..., Any] | None = None
+    # sums(xp, tensors, base=..., **resolved) -> tuple of floats: the whole-tensor statistics a
+    # method needs, additive over chunks made of whole SUM_BLOCKs (slerp's norms and dot)
+    sums: Callable[..., tuple[float, ...]] | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from mmerge.methods._common import lerp, pair, require_finite
+from mmerge.methods._common import block_dots, lerp, pair, require_finite
 from mmerge.methods.registry import Param, register
 
 Array = Any
@@ -22,7 +22,31 @@ def slerp_coefficients(cos: float, t: float) -> tuple[float, float]:
     return math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
 
 
-@register(
+def _slerp_sums(xp, tensors, *, base, **_):
+    """|a|^2, |b|^2 and a.b: all slerp needs from the whole tensors (additive over chunks)."""
+    a, b = pair("slerp", tensors, base)
+    fa, fb = xp.reshape(a, (-1,)), xp.reshape(b, (-1,))
+    return block_dots(xp, [(fa, fa), (fb, fb), (fa, fb)])
+
+
+def slerp(xp, tensors, *, base, t, dot_threshold, magnitude, prepared=None, start=0):
+    require_finite(xp, "slerp", tensors, base)
+    a, b = pair("slerp", tensors, base)
+    aa, bb, ab = prepared if prepared is not None else _slerp_sums(xp, tensors, base=base)
+    na, nb = math.sqrt(aa), math.sqrt(bb)
+    if na <= ZERO_NORM or nb <= ZERO_NORM:
+        return lerp(a, b, t)
+    cos = ab / (na * nb)
+    if abs(cos) > dot_threshold or math.sqrt(max(0.0, 1.0 - cos * cos)) < MIN_SIN:
+        return lerp(a, b, t)
+    c0, c1 = slerp_coefficients(cos, t)
+    if magnitude == "shoemake":
+        return c0 * a + c1 * b
+    norm = (1.0 - t) * na + t * nb
+    return (c0 * norm / na) * a + (c1 * norm / nb) * b
+
+
+slerp = register(
     "slerp",
     "spherical interpolation of two models (t=0: the first model, or the base if given)",
     params=(
@@ -54,24 +78,9 @@ def slerp_coefficients(cos: float, t: float) -> tuple[float, float]:
     ),
     min_models=1,
     max_models=2,
+    sums=_slerp_sums,
     reference="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH); mergekit",
-)
-def slerp(xp, tensors, *, base, t, dot_threshold, magnitude):
-    require_finite(xp, "slerp", tensors, base)
-    a, b = pair("slerp", tensors, base)
-    fa, fb = xp.reshape(a, (-1,)), xp.reshape(b, (-1,))
-    na = float(xp.linalg.vector_norm(fa))
-    nb = float(xp.linalg.vector_norm(fb))
-    if na <= ZERO_NORM or nb <= ZERO_NORM:
-        return lerp(a, b, t)
-    cos = float(xp.vecdot(fa, fb)) / (na * nb)
-    if abs(cos) > dot_threshold or math.sqrt(max(0.0, 1.0 - cos * cos)) < MIN_SIN:
-        return lerp(a, b, t)
-    c0, c1 = slerp_coefficients(cos, t)
-    if magnitude == "shoemake":
-        return c0 * a + c1 * b
-    norm = (1.0 - t) * na + t * nb
-    return (c0 * norm / na) * a + (c1 * norm / nb) * b
+)(slerp)
 
 
 def _to_last(xp, x: Array, axis: int) -> Array:

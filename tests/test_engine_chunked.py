@@ -25,8 +25,9 @@ CASES = [
 def bf16_family(tmp_path_factory):
     # bf16 values quantize the task vectors, so magnitudes tie at the trim threshold
     out = tmp_path_factory.mktemp("bf16")
-    return write_model_family(out, hidden=16, intermediate=40, layers=2, vocab=64,
-                              dtype="BF16", layout="file", seed=5)
+    return write_model_family(
+        out, hidden=16, intermediate=40, layers=2, vocab=64, dtype="BF16", layout="file", seed=5
+    )
 
 
 def load(path):
@@ -34,8 +35,9 @@ def load(path):
         return {n: np.array(r.to_numpy()) for n, r in ckpt.items()}
 
 
-@pytest.mark.parametrize(("method", "params"), CASES, ids=[f"{m}-{i}" for i, (m, _) in
-                                                          enumerate(CASES)])
+@pytest.mark.parametrize(
+    ("method", "params"), CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)]
+)
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 def test_chunked_merge_equals_whole_tensor_merge(method, params, backend, bf16_family, tmp_path):
     if backend == "torch":
@@ -43,15 +45,21 @@ def test_chunked_merge_equals_whole_tensor_merge(method, params, backend, bf16_f
     fam = bf16_family
     ckpts = [open_checkpoint(fam[k]) for k in ("ft1", "ft2", "base")]
     sources = [Source(c, {}, label=k) for c, k in zip(ckpts[:2], ("ft1", "ft2"))]
-    plan = build_plan(sources, method=method, base=Source(ckpts[2], {}, "base"),
-                      params=params, out_dtype="float32")
+    plan = build_plan(
+        sources,
+        method=method,
+        base=Source(ckpts[2], {}, "base"),
+        params=params,
+        out_dtype="float32",
+    )
     run = Execution(backend=backend, chunk_elements=96)
     # the big tensors really take the prepared, chunked path
     embed = next(i for i in plan.items if i.name == "model.embed_tokens.weight")
     assert len(tasks_for(embed, run.chunk_elements)) > 5
     out = write_plan(plan, ckpts, OutputOptions(tmp_path / "out.safetensors"), run)
-    want = mmerge.merge_tensors([load(fam["ft1"]), load(fam["ft2"])], method=method,
-                                base=load(fam["base"]), **params)
+    want = mmerge.merge_tensors(
+        [load(fam["ft1"]), load(fam["ft2"])], method=method, base=load(fam["base"]), **params
+    )
     got = load(out)
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], np.asarray(value), err_msg=name)

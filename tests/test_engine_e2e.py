@@ -106,20 +106,35 @@ def test_every_method_through_a_recipe(spec, family_files, tmp_path):
 
 def test_default_is_slerp_at_half(family_files, tmp_path):
     out = tmp_path / "m.safetensors"
-    r = CliRunner().invoke(cli, ["stream", str(family_files["ft1"]), str(family_files["ft2"]),
-                                 "-o", str(out)])
+    r = CliRunner().invoke(
+        cli, ["stream", str(family_files["ft1"]), str(family_files["ft2"]), "-o", str(out)]
+    )
     assert r.exit_code == 0, r.output
     assert "with slerp" in r.output
-    want = expected(mmerge.methods.get("slerp"), [family_files["ft1"], family_files["ft2"]],
-                    None, {"t": 0.5})
+    want = expected(
+        mmerge.methods.get("slerp"), [family_files["ft1"], family_files["ft2"]], None, {"t": 0.5}
+    )
     assert_same(out, want)
 
 
 def test_folders_give_a_sharded_folder_with_config_and_bf16(family_folders, tmp_path):
     out = tmp_path / "merged"
-    args = ["stream", str(family_folders["ft1"]), str(family_folders["ft2"]), "--base",
-            str(family_folders["base"]), "--method", "ties", "--density", "0.5",
-            "--shard-size", "6000", "-o", str(out), "-q"]
+    args = [
+        "stream",
+        str(family_folders["ft1"]),
+        str(family_folders["ft2"]),
+        "--base",
+        str(family_folders["base"]),
+        "--method",
+        "ties",
+        "--density",
+        "0.5",
+        "--shard-size",
+        "6000",
+        "-o",
+        str(out),
+        "-q",
+    ]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     assert (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file()
@@ -127,8 +142,12 @@ def test_folders_give_a_sharded_folder_with_config_and_bf16(family_folders, tmp_
     assert len(set(index["weight_map"].values())) > 1
     assert {ref.dtype for ref in open_checkpoint(out).values()} == {"BF16"}
     got = load(out)  # bf16 widened to float32
-    want = expected(mmerge.methods.get("ties"), [family_folders["ft1"], family_folders["ft2"]],
-                    family_folders["base"], {"density": 0.5})
+    want = expected(
+        mmerge.methods.get("ties"),
+        [family_folders["ft1"], family_folders["ft2"]],
+        family_folders["base"],
+        {"density": 0.5},
+    )
     for name, value in want.items():  # computed in float32, rounded to bf16 once
         rounded = np.asarray(value).astype(ml_dtypes.bfloat16).astype(np.float32)
         np.testing.assert_array_equal(got[name], rounded, err_msg=name)
@@ -136,9 +155,21 @@ def test_folders_give_a_sharded_folder_with_config_and_bf16(family_folders, tmp_
 
 def test_out_dtype_rewrites_config(family_folders, tmp_path):
     out = tmp_path / "f32"
-    r = CliRunner().invoke(cli, ["stream", str(family_folders["ft1"]), str(family_folders["ft2"]),
-                                 "--method", "linear", "--out-dtype", "float32", "-o", str(out),
-                                 "-q"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "stream",
+            str(family_folders["ft1"]),
+            str(family_folders["ft2"]),
+            "--method",
+            "linear",
+            "--out-dtype",
+            "float32",
+            "-o",
+            str(out),
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
     assert {ref.dtype for ref in open_checkpoint(out).values()} == {"F32"}
@@ -163,8 +194,9 @@ def test_resume_after_a_crash_gives_an_identical_file(family_files, tmp_path, mo
     monkeypatch.setattr(execute_module, "_run_task", real)
     assert not out.exists()
     resumed = []
-    monkeypatch.setattr(execute_module, "_run_task",
-                        lambda t, w, r: (resumed.append(t.item.name), real(t, w, r)))
+    monkeypatch.setattr(
+        execute_module, "_run_task", lambda t, w, r: (resumed.append(t.item.name), real(t, w, r))
+    )
     mmerge.merge(inputs, out, resume=True, **kw)
     assert 0 < len(resumed) < len(load(clean))
     assert Path(clean).read_bytes() == out.read_bytes()
@@ -180,12 +212,14 @@ def test_resume_after_a_crash_gives_an_identical_file(family_files, tmp_path, mo
         (["--method", "ties", "--base", "BASE", "--density", "0"], "density", 2),
     ],
 )
-def test_bad_arguments_are_one_clear_line_and_write_nothing(family_files, tmp_path, args,
-                                                            message, code):
+def test_bad_arguments_are_one_clear_line_and_write_nothing(
+    family_files, tmp_path, args, message, code
+):
     out = tmp_path / "out.safetensors"
     args = [str(family_files["base"]) if a == "BASE" else a for a in args]
-    r = CliRunner().invoke(cli, ["stream", str(family_files["ft1"]), str(family_files["ft2"]),
-                                 "-o", str(out), *args])
+    r = CliRunner().invoke(
+        cli, ["stream", str(family_files["ft1"]), str(family_files["ft2"]), "-o", str(out), *args]
+    )
     assert r.exit_code == code, r.output
     assert message in r.output and len(r.output.strip().splitlines()) == 1
     assert "Traceback" not in r.output
@@ -210,14 +244,32 @@ def test_missing_tensor_and_shape_mismatch(tmp_path):
     runner = CliRunner()
     for other, message in (("b", "'v' is missing from"), ("c", "'w' has mismatched shapes")):
         out = tmp_path / f"out-{other}.safetensors"
-        r = runner.invoke(cli, ["stream", str(tmp_path / "a.safetensors"),
-                                str(tmp_path / f"{other}.safetensors"), "-o", str(out)])
+        r = runner.invoke(
+            cli,
+            [
+                "stream",
+                str(tmp_path / "a.safetensors"),
+                str(tmp_path / f"{other}.safetensors"),
+                "-o",
+                str(out),
+            ],
+        )
         assert r.exit_code == 1 and message in r.output, r.output
         assert not out.exists()
     out = tmp_path / "copied.safetensors"
-    r = runner.invoke(cli, ["stream", str(tmp_path / "a.safetensors"),
-                            str(tmp_path / "c.safetensors"), "--method", "linear",
-                            "--allow-mismatch", "-o", str(out)])
+    r = runner.invoke(
+        cli,
+        [
+            "stream",
+            str(tmp_path / "a.safetensors"),
+            str(tmp_path / "c.safetensors"),
+            "--method",
+            "linear",
+            "--allow-mismatch",
+            "-o",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0 and "warning:" in r.output, r.output
     np.testing.assert_array_equal(load(out)["w"], a["w"])
 
@@ -225,15 +277,21 @@ def test_missing_tensor_and_shape_mismatch(tmp_path):
 @pytest.mark.parametrize(
     ("recipe", "message"),
     [
-        ({"merge_method": "linear", "models": [{"model": "FT1"}], "tokenizer": {}},
-         "unsupported key 'tokenizer'"),
+        (
+            {"merge_method": "linear", "models": [{"model": "FT1"}], "tokenizer": {}},
+            "unsupported key 'tokenizer'",
+        ),
         ({"models": [{"model": "FT1"}]}, "'merge_method' is required"),
         ({"merge_method": "linear", "models": [{"model": "org/hub-model"}]}, "not found"),
-        ({"merge_method": "linear", "models": [{"model": "FT1", "lora": 1}]},
-         "unsupported key 'lora'"),
+        (
+            {"merge_method": "linear", "models": [{"model": "FT1", "lora": 1}]},
+            "unsupported key 'lora'",
+        ),
         ({"merge_method": "ties", "models": [{"model": "FT1"}]}, "needs a base model"),
-        ({"merge_method": "linear", "models": [{"model": "FT1"}], "tokenizer_source": "union"},
-         "tokenizer_source 'union' is not supported"),
+        (
+            {"merge_method": "linear", "models": [{"model": "FT1"}], "tokenizer_source": "union"},
+            "tokenizer_source 'union' is not supported",
+        ),
     ],
 )
 def test_bad_recipes_are_reported(family_files, tmp_path, recipe, message):
@@ -265,10 +323,13 @@ def test_recipe_gradient_and_per_model_parameters(family_files, tmp_path):
 
 def test_passthrough_slices_stack_layers(family_files, tmp_path):
     ft1, ft2 = str(family_files["ft1"]), str(family_files["ft2"])
-    recipe = {"merge_method": "passthrough", "slices": [
-        {"sources": [{"model": ft1, "layer_range": [0, 2]}]},
-        {"sources": [{"model": ft2, "layer_range": [1, 3]}]},
-    ]}
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": ft1, "layer_range": [0, 2]}]},
+            {"sources": [{"model": ft2, "layer_range": [1, 3]}]},
+        ],
+    }
     out = tmp_path / "stack.safetensors"
     mmerge.engine.api.run_recipe(recipe, out)
     got, a, b = load(out), load(ft1), load(ft2)
@@ -281,8 +342,19 @@ def test_passthrough_slices_stack_layers(family_files, tmp_path):
 
 def test_dry_run_writes_nothing_and_reports(family_files, tmp_path):
     out = tmp_path / "x.safetensors"
-    r = CliRunner().invoke(cli, ["stream", str(family_files["ft1"]), str(family_files["ft2"]),
-                                 "--method", "linear", "-o", str(out), "--dry-run"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "stream",
+            str(family_files["ft1"]),
+            str(family_files["ft2"]),
+            "--method",
+            "linear",
+            "-o",
+            str(out),
+            "--dry-run",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "bytes to read" in r.output and "peak memory" in r.output
     assert not out.exists()
@@ -309,6 +381,7 @@ def test_other_backends_give_the_same_linear_merge(backend, family_files, tmp_pa
     pytest.importorskip("mlx.core" if backend == "mlx" else backend)
     inputs = [family_files["ft1"], family_files["ft2"]]
     a = mmerge.merge(inputs, tmp_path / "np.safetensors", method="linear").output
-    b = mmerge.merge(inputs, tmp_path / f"{backend}.safetensors", method="linear",
-                     backend=backend).output
+    b = mmerge.merge(
+        inputs, tmp_path / f"{backend}.safetensors", method="linear", backend=backend
+    ).output
     assert_same(b, load(a))

@@ -113,9 +113,7 @@ def test_dtype_spellings():
 
 def test_slices_stack_layers_and_renumber():
     a, b = model("a", layers=4), model("b", layers=4)
-    plan = build_slice_plan(
-        [Slice(((a, 0, 3),)), Slice(((b, 2, 4),))], method="passthrough"
-    )
+    plan = build_slice_plan([Slice(((a, 0, 3),)), Slice(((b, 2, 4),))], method="passthrough")
     names = [i.name for i in plan.items]
     assert "model.layers.4.mlp.up_proj.weight" in names
     assert "model.layers.5.mlp.up_proj.weight" not in names

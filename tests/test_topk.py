@@ -80,9 +80,7 @@ def test_top_mask_float64_stays_exact():
     assert to_numpy(topk.top_mask(xp, x, 1)).tolist() == [False, True, False]
 
 
-@pytest.mark.parametrize(
-    "kind", ["normal", "sorted", "periodic", "few_values", "spike"]
-)
+@pytest.mark.parametrize("kind", ["normal", "sorted", "periodic", "few_values", "spike"])
 @pytest.mark.parametrize("density", [0.001, 0.3, 0.5, 0.999])
 def test_bracketed_kth_is_exact_on_large_arrays(kind, density):
     """numpy's sample-bracketed selection (arrays >= 2**16) equals a full sort, including

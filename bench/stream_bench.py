@@ -23,18 +23,6 @@ PRESETS = {
     "llama-1b": {"hidden": 2048, "intermediate": 5632, "layers": 22, "vocab": 32000},
     "small": {"hidden": 512, "intermediate": 1408, "layers": 8, "vocab": 8000},
 }
-NEEDS_BASE = {
-    "task_arithmetic",
-    "ties",
-    "dare_ties",
-    "dare_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-    "model_stock",
-    "sce",
-}
 EXTRA = {
     "ties": ["--density", "0.5"],
     "dare_ties": ["--density", "0.5"],
@@ -114,8 +102,11 @@ def main() -> None:
     model_bytes = sum(f.stat().st_size for f in names["ft1"])
     write_s = write_seconds(work, model_bytes)
     rows = []
+    from mmerge.methods import get
+
     for method in a.methods.split(","):
-        inputs = names["ft1"] + names["ft2"] + (names["base"] if method in NEEDS_BASE else [])
+        needs_base = get(method).needs_base
+        inputs = names["ft1"] + names["ft2"] + (names["base"] if needs_base else [])
         floor = read_seconds(inputs) + write_s
         args = [
             "stream",
@@ -130,7 +121,7 @@ def main() -> None:
             a.backend,
             *EXTRA.get(method, []),
         ]
-        if method in NEEDS_BASE:
+        if needs_base:
             args += ["--base", str(models / "base")]
         wall, rss, rc = run_merge(args)
         subprocess.run(["rm", "-rf", str(work / method)], check=False)

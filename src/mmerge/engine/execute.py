@@ -55,13 +55,13 @@ def tasks_for(item: PlanItem, chunk: int = CHUNK_ELEMENTS) -> list[_Task]:
     """The tasks that compute `item`: chunks for copies, elementwise methods and (once
     prepared) trim methods on large tensors; else one whole-tensor task."""
     n = item.numel
-    if item.is_copy or item.method.elementwise or _chunked_after_prepare(item, chunk):
+    if item.is_copy or item.method.elementwise or _gathered_first(item, chunk):
         bounds = list(range(0, n, chunk)) or [0]
         return [_Task(item, s, min(s + chunk, n), False) for s in bounds]
     return [_Task(item, 0, n, True)]
 
 
-def _chunked_after_prepare(item: PlanItem, chunk: int) -> bool:
+def _gathered_first(item: PlanItem, chunk: int) -> bool:
     """Large tensors of methods whose whole-tensor statistics can be gathered first."""
     if item.numel <= chunk:
         return False
@@ -79,7 +79,7 @@ def prepare_cost(item: PlanItem) -> int:
 def estimate_peak(plan: Plan) -> int:
     """Working memory the executor may hold at once (tasks in flight), for --dry-run."""
     costs = [t.cost() for item in plan.items for t in tasks_for(item)]
-    costs += [prepare_cost(i) for i in plan.items if _chunked_after_prepare(i, CHUNK_ELEMENTS)]
+    costs += [prepare_cost(i) for i in plan.items if _gathered_first(i, CHUNK_ELEMENTS)]
     biggest = max(costs, default=0)
     return max(biggest, min(MEMORY_BUDGET, sum(sorted(costs)[-2:])))
 
@@ -132,26 +132,32 @@ def _read(ref, task: _Task, dtype, slot: int) -> np.ndarray:
     return flat if not task.whole else flat.reshape(task.item.shape)
 
 
-def _compute(task: _Task, run: Execution) -> np.ndarray:
-    """Merge one task's slice of inputs on the chosen backend; a host array comes back."""
-    from mmerge.backend.transfer import to_backend, to_host
+def _inputs(task: _Task, run: Execution) -> tuple[list, object]:
+    """The task's slice of each model (and of the base) as arrays of the chosen backend."""
+    from mmerge.backend.transfer import to_backend
 
     item = task.item
     dtype = _host_dtype(run.compute_dtype)
-    tensors = [
+    arrays = [
         to_backend(_read(r, task, dtype, i), run.backend, run.device)
-        for i, r in enumerate(item.sources)
+        for i, r in enumerate(item.inputs())
     ]
-    base = None
-    if item.base is not None:
-        base = to_backend(_read(item.base, task, dtype, -1), run.backend, run.device)
-    merged = item.method(
+    base = arrays.pop() if item.base is not None else None
+    return arrays, base
+
+
+def _compute(task: _Task, run: Execution) -> np.ndarray:
+    """Merge one task's slice of inputs on the chosen backend; a host array comes back."""
+    from mmerge.backend.transfer import to_host
+
+    tensors, base = _inputs(task, run)
+    merged = task.item.method(
         tensors,
         base=base,
-        tensor_name=item.name,
+        tensor_name=task.item.name,
         prepared=task.prepared,
         start=task.start,
-        **item.params,
+        **task.item.params,
     )
     return to_host(merged)
 
@@ -162,19 +168,12 @@ def gather(item: PlanItem, run: Execution):
     if item.method.sums is None:
         return prepare(item, run)
     from mmerge.backend import namespace
-    from mmerge.backend.transfer import to_backend
 
-    dtype = _host_dtype(run.compute_dtype)
     params = item.method.resolve(len(item.sources), item.params)
     totals = None
     for s in range(0, item.numel, run.chunk_elements):
-        piece = _Task(item, s, min(s + run.chunk_elements, item.numel), False)
-        arrays = [
-            to_backend(_read(r, piece, dtype, i), run.backend, run.device)
-            for i, r in enumerate(item.inputs())
-        ]
-        base = arrays.pop() if item.base is not None else None
-        part = item.method.sums(namespace(*arrays), arrays, base=base, **params)
+        tensors, base = _inputs(_Task(item, s, min(s + run.chunk_elements, item.numel), False), run)
+        part = item.method.sums(namespace(*tensors), tensors, base=base, **params)
         totals = part if totals is None else tuple(a + b for a, b in zip(totals, part))
     return totals
 
@@ -260,7 +259,7 @@ def execute(plan: Plan, writer, run: Execution = Execution()) -> None:
     def all_tasks() -> Iterator[_Task]:
         for item in items:
             ts = tasks_for(item, run.chunk_elements)
-            if _chunked_after_prepare(item, run.chunk_elements):
+            if _gathered_first(item, run.chunk_elements):
                 cost = prepare_cost(item)
                 budget.acquire(cost)
                 try:

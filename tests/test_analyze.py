@@ -347,51 +347,92 @@ def test_layer_groups():
     assert order == ["embed", 2, 10, "head", "other"]
 
 
+def _rows(size, seed, n=2):
+    """A float32 base and `n` fine-tunes, and their float32 task vectors (as measured)."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(size).astype(np.float32) + 3
+    fts = [base + rng.standard_normal(size).astype(np.float32) for _ in range(n)]
+    return [base, *fts], [ft - base for ft in fts]
+
+
 def test_chunks_sum_to_the_float64_figures(monkeypatch):
     monkeypatch.setattr(stats, "CHUNK", 1000)
-    rng = np.random.default_rng(0)
-    base = rng.standard_normal(10_500).astype(np.float32) + 3
-    deltas = [rng.standard_normal(10_500).astype(np.float32) for _ in range(2)]
+    monkeypatch.setattr(stats, "DOT", 300)  # blocks inside chunks, and a remainder
+    rows, deltas = _rows(10_500, 0)
+    rows[2][::3] = rows[0][::3]
     deltas[1][::3] = 0
-    got = stats.tensor_stats(base, deltas, (0.2, 0.6))
-    rows = [r.astype(np.float64) for r in (base, *deltas)]
-    want = np.array([[a @ b for b in rows] for a in rows])
+    got = stats.tensor_stats(rows, (0.2, 0.6))
+    r64 = [r.astype(np.float64) for r in (rows[0], *deltas)]
+    want = np.array([[a @ b for b in r64] for a in r64])
     scale = np.sqrt(np.outer(np.diag(want), np.diag(want)))  # error relative to the norms
     np.testing.assert_allclose(got.gram / scale, want / scale, rtol=0, atol=1e-7)
-    for i, d in enumerate(rows[1:]):
-        for k, t in enumerate(stats.thresholds(deltas[i], (0.2, 0.6))):
-            keep = np.abs(d) >= t
-            assert got.kept[k, i] == pytest.approx(np.sum(d[keep] ** 2), rel=1e-7)
-    both = (rows[1] != 0) & (rows[2] != 0)
+    for i, d in enumerate(r64[1:]):
+        for k, density in enumerate((0.2, 0.6)):
+            t = np.sort(np.abs(d))[-math.ceil(density * d.size)]
+            keep = (np.abs(d) >= t) & (d != 0)
+            assert got.kept[k, i] == pytest.approx(np.sum(d[keep] ** 2), rel=1e-6)
+    both = (r64[1] != 0) & (r64[2] != 0)
     assert got.both[0, 1] == both.sum()
-    assert got.conflicts[0, 1] == (both & (np.sign(rows[1]) != np.sign(rows[2]))).sum()
+    assert got.conflicts[0, 1] == (both & (np.sign(r64[1]) != np.sign(r64[2]))).sum()
 
 
 def test_spans_measured_in_parallel_sum_to_the_whole(monkeypatch):
     monkeypatch.setattr(stats, "CHUNK", 700)
-    rng = np.random.default_rng(2)
-    base = rng.standard_normal(5000).astype(np.float32)
-    deltas = [rng.standard_normal(5000).astype(np.float32) for _ in range(3)]
-    whole = stats.tensor_stats(base, deltas, (0.1, 0.5))
+    monkeypatch.setattr(stats, "SAMPLE", 1000)  # the spans gather the sample too
+    rows, _ = _rows(5000, 2, n=3)
+    whole = stats.tensor_stats(rows, (0.1, 0.5))
     with ThreadPoolExecutor(3) as pool:
-        split = stats.tensor_stats(base, deltas, (0.1, 0.5), parts=3, mapper=pool.map)
+        split = stats.tensor_stats(rows, (0.1, 0.5), parts=3, mapper=pool.map)
     np.testing.assert_allclose(split.gram, whole.gram, rtol=1e-6)
-    np.testing.assert_allclose(split.kept, whole.kept, rtol=1e-6)
-    for field in ("numel", "both", "conflicts", "top_both", "top_conflicts"):
+    for field in ("numel", "both", "conflicts", "kept", "top_both", "top_conflicts"):
         np.testing.assert_array_equal(getattr(split, field), getattr(whole, field))
 
 
-def test_large_tensor_thresholds_come_from_a_sample(monkeypatch):
-    monkeypatch.setattr(stats, "SAMPLE", 4096)
-    delta = np.random.default_rng(1).standard_normal(200_000).astype(np.float32)
-    delta[::2] = 0  # a periodic pattern must not bias the stratified sample
-    for density, t in zip((0.1, 0.4), stats.thresholds(delta, (0.1, 0.4)), strict=True):
-        assert (np.abs(delta) >= t).mean() == pytest.approx(density, abs=0.01)
+def test_release_covers_every_entry_once(monkeypatch):
+    monkeypatch.setattr(stats, "CHUNK", 100)
+    monkeypatch.setattr(stats, "RELEASE", 250)
+    rows, _ = _rows(1234, 3)
+    seen = []
+    with ThreadPoolExecutor(2) as pool:
+        stats.tensor_stats(
+            rows, (0.5,), parts=2, mapper=pool.map, release=lambda lo, hi: seen.append((lo, hi))
+        )
+    seen.sort()
+    assert seen[0][0] == 0 and seen[-1][1] == 1234
+    assert all(a[1] == b[0] for a, b in zip(seen, seen[1:]))
 
 
-def test_thresholds_are_exact_below_the_sample_size():
-    delta = np.array([0.5, -3, 0, 2, -1, 0.1, 0, 4], np.float32)
-    assert stats.thresholds(delta, (0.25, 0.5, 1.0)) == [3.0, 1.0, 0.0]
+def test_large_tensors_measure_trimming_on_a_sample(monkeypatch):
+    monkeypatch.setattr(stats, "SAMPLE", 20_000)
+    size = 400_000
+    rows, _ = _rows(size, 4)
+    rows[2][::2] = rows[0][::2]  # a periodic pattern must not bias the stratified sample
+    got = stats.tensor_stats(rows, (0.1, 0.4))
+    monkeypatch.setattr(stats, "SAMPLE", size)
+    exact = stats.tensor_stats(rows, (0.1, 0.4))
+    # the exact sums do not depend on the sample
+    np.testing.assert_array_equal(got.gram, exact.gram)
+    np.testing.assert_array_equal(got.both, exact.both)
+    np.testing.assert_array_equal(got.conflicts, exact.conflicts)
+    # kept energy share and top-k conflict rate: estimates within a few standard errors
+    np.testing.assert_allclose(got.kept / exact.kept, 1, atol=0.02)
+    np.testing.assert_allclose(got.top_both / size, exact.top_both / size, atol=0.005)
+    rate = got.top_conflicts[:, 0, 1] / got.top_both[:, 0, 1]
+    exact_rate = exact.top_conflicts[:, 0, 1] / exact.top_both[:, 0, 1]
+    np.testing.assert_allclose(rate, exact_rate, atol=0.03)
+    assert exact.top_both[0, 0, 1] == pytest.approx(size * 0.1 * 0.1, rel=0.1)  # independent
+
+
+def test_trimming_below_the_sample_size_is_exact_and_keeps_ties():
+    base = np.zeros(8, np.float32)
+    ft = np.array([0.5, -3, 0, 2, -1, 0.1, 0, 4], np.float32)
+    st = stats.tensor_stats([base, ft], (0.25, 0.5, 1.0))
+    total = float(np.sum(ft.astype(np.float64) ** 2))
+    assert st.kept[:, 0] == pytest.approx([25.0, 30.0, total])
+    tied = np.array([2, 2, 2, 1], np.float32)  # k = 1 at 0.25, but all three 2s tie
+    st = stats.tensor_stats([np.zeros(4, np.float32), tied, -tied], (0.25,))
+    assert st.kept[0, 0] == pytest.approx(12.0)
+    assert st.top_both[0, 0, 1] == 3 and st.top_conflicts[0, 0, 1] == 3
     assert stats.top_k(8, 0.3) == 3 and stats.top_k(8, 0.01) == 1
 
 

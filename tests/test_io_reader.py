@@ -74,6 +74,16 @@ def test_raw_and_to_numpy_are_zero_copy_read_only_views(ckpt):
         ckpt["f32"].raw()[0] = 1
 
 
+def test_values_view_in_the_number_type(ckpt):
+    x = (np.arange(24, dtype=np.float32) / 7).astype(ml_dtypes.bfloat16)
+    vals = ckpt["bf16"].values()
+    assert vals.dtype == ml_dtypes.bfloat16 and vals.shape == (24,)
+    assert not vals.flags.writeable and not vals.flags.owndata
+    np.testing.assert_array_equal(vals, x)
+    assert ckpt["e4m3"].values().dtype == ml_dtypes.float8_e4m3fn
+    assert ckpt["f16"].values().dtype == np.float16
+
+
 def test_widening_dtypes_give_new_float32(ckpt):
     x = np.arange(24, dtype=np.float32).reshape(4, 6) / 7
     got = ckpt["bf16"].to_numpy()
@@ -174,6 +184,24 @@ def test_release_drops_resident_pages(tmp_path):
         released = proc.memory_info().rss
     assert touched - before > 48 << 20
     assert touched - released > 48 << 20
+
+
+def test_release_of_an_element_range(tmp_path):
+    n = 16 << 20
+    path = write(tmp_path / "big.safetensors", {"w": ("F32", np.ones(n, np.float32))})
+    proc = psutil.Process()
+    with open_checkpoint(path) as c:
+        ref = c["w"]
+        assert float(ref.raw().sum()) == n
+        touched = proc.memory_info().rss
+        ref.release(0, n // 2)  # the first half only
+        half = proc.memory_info().rss
+        ref.release(n // 2)
+        released = proc.memory_info().rss
+        with pytest.raises(InvalidInput, match="range"):
+            ref.release(0, n + 1)
+    assert 24 << 20 < touched - half < 40 << 20
+    assert touched - released > 56 << 20
 
 
 def test_close_and_context_manager(tmp_path):

@@ -1,6 +1,5 @@
-"""One streaming pass over a base and its fine-tunes: read a tensor of every checkpoint, sum its
-statistics into its layer's, release its pages, go on. The next tensor is read while the
-current one is measured, by a few threads over spans of it."""
+"""One streaming pass over a base and its fine-tunes: measure a tensor of every checkpoint
+straight from the memory maps, chunk by chunk, sum its statistics into its layer's, go on."""
 
 from __future__ import annotations
 
@@ -9,18 +8,18 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
+from threadpoolctl import threadpool_limits
 
 from mmerge.analyze.figures import figures
 from mmerge.analyze.groups import group_of, group_order
 from mmerge.analyze.result import AnalysisResult
-from mmerge.analyze.stats import Stats, tensor_stats
+from mmerge.analyze.stats import Stats, add_trimmed, exact_sums
 from mmerge.analyze.verdicts import assess
+from mmerge.engine.allocator import keep_chunk_memory
 from mmerge.errors import InvalidInput, PlanError
 from mmerge.io import open_checkpoint
 
 Progress = Callable[[int, int, str], None]
-MAX_WORKERS = 4  # threads measuring one tensor's spans (numpy releases the GIL)
 
 
 def _is_float(code: str) -> bool:
@@ -75,18 +74,6 @@ def tensor_names(checkpoints: Sequence[Mapping], labels: Sequence[str]) -> list[
     if not names:
         raise PlanError(f"{labels[0]} has no floating-point tensors to analyze")
     return names
-
-
-def _load(checkpoints: Sequence[Mapping], name: str) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The base tensor and each fine-tune's task vector, flat float32."""
-    base = checkpoints[0][name].read_float32()
-    deltas = []
-    for ckpt in checkpoints[1:]:
-        ref = ckpt[name]
-        delta = ref.read_float32(out=np.empty(ref.numel, np.float32))
-        np.subtract(delta, base, out=delta)
-        deltas.append(delta)
-    return base, deltas
 
 
 def analyze(
@@ -148,23 +135,44 @@ def _stream(
     densities: tuple[float, ...],
     progress: Progress | None,
 ) -> tuple[dict[str, Stats], dict[int | str, Stats]]:
-    """Statistics of every tensor and their sums per layer group, reading ahead by one."""
+    """Statistics of every tensor and their sums per layer group.
+
+    Each tensor is read straight from the files' memory maps, a chunk at a time, by one thread
+    per core over spans of it; meanwhile another thread measures top-k trimming on the sample of
+    the tensor before (small and in cache, so it barely competes with the reading).
+    """
     n = len(checkpoints) - 1
     per_tensor: dict[str, Stats] = {}
-    per_group: dict[int | str, Stats] = {}
-    workers = min(MAX_WORKERS, os.cpu_count() or 1)
-    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(workers) as pool:
-        pending = reader.submit(_load, checkpoints, names[0])
+    keep_chunk_memory()
+    workers = os.cpu_count() or 1
+    # BLAS threads of their own would only contend with the measuring threads
+    with (
+        threadpool_limits(1, user_api="blas"),
+        ThreadPoolExecutor(workers) as pool,
+        ThreadPoolExecutor(1) as trimmer,
+    ):
+        pending = None
         for i, name in enumerate(names):
-            base, deltas = pending.result()
-            if i + 1 < len(names):
-                pending = reader.submit(_load, checkpoints, names[i + 1])
-            st = tensor_stats(base, deltas, densities, parts=workers, mapper=pool.map)
-            del base, deltas
-            for ckpt in checkpoints:
-                ckpt[name].release()
+            refs = [ckpt[name] for ckpt in checkpoints]
+
+            def release(lo: int, hi: int, refs=refs) -> None:
+                for ref in refs:
+                    ref.release(lo, hi)
+
+            rows = [ref.values() for ref in refs]
+            st, sample = exact_sums(
+                rows, densities, parts=workers, mapper=pool.map, release=release
+            )
+            del rows
+            if pending is not None:
+                pending.result()  # one sample waiting at a time bounds memory
+            pending = trimmer.submit(add_trimmed, st, sample)
             per_tensor[name] = st
-            per_group.setdefault(group_of(name), Stats.empty(n, densities)).add(st)
             if progress is not None:
                 progress(i + 1, len(names), name)
+        if pending is not None:
+            pending.result()
+    per_group: dict[int | str, Stats] = {}
+    for name, st in per_tensor.items():
+        per_group.setdefault(group_of(name), Stats.empty(n, densities)).add(st)
     return per_tensor, per_group

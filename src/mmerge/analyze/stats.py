@@ -1,8 +1,10 @@
 """Additive statistics of task vectors, one tensor at a time, with numpy.
 
 Everything a report needs is a sum over entries (a Gram matrix, counts, kept energies), so a
-layer's or a whole model's statistics are the sums of its tensors' and are exact, not averages
-of ratios. Dot products are float32 within 64K-entry chunks, summed in float64.
+layer's or a whole model's statistics are the sums of its tensors', not averages of ratios.
+The Gram matrix and the sign counts are exact (dot products are float32 within 64K-entry
+blocks, summed in float64). What depends on top-k trimming is measured on a stratified sample
+of SAMPLE entries per tensor (all entries of smaller tensors) and scaled to the tensor.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CHUNK = 1 << 16  # entries per chunk: float32 dots within a chunk, float64 across (rel. ~1e-8)
-SAMPLE = 1 << 17  # larger tensors find top-k thresholds on a sample of this many entries
+CHUNK = 1 << 19  # entries per chunk: few enough numpy calls that two threads rarely wait
+DOT = 1 << 16  # float32 dot products within blocks of this many entries, float64 across
+SAMPLE = 1 << 17  # larger tensors measure top-k trimming on a sample of this many entries
+RELEASE = 1 << 20  # entries read between calls to drop their file pages
 
 
 @dataclass
@@ -25,7 +29,8 @@ class Stats:
     `gram` is the float64 Gram matrix of [base, task vector 1, ..., task vector n]; `both` and
     `conflicts` count entries changed by both fine-tunes of a pair and those of opposite sign;
     `top_*` count the same among entries both keep after top-k trimming at each density, and
-    `kept` is each task vector's squared norm over the entries it keeps.
+    `kept` is each task vector's squared norm over the entries it keeps (these two are
+    estimates from the sample on tensors larger than SAMPLE, hence float).
     """
 
     densities: tuple[float, ...]
@@ -33,8 +38,8 @@ class Stats:
     gram: np.ndarray  # (n + 1, n + 1) float64
     both: np.ndarray  # (n, n) int64, upper triangle
     conflicts: np.ndarray  # (n, n) int64, upper triangle
-    top_both: np.ndarray  # (len(densities), n, n) int64
-    top_conflicts: np.ndarray  # (len(densities), n, n) int64
+    top_both: np.ndarray  # (len(densities), n, n) float64
+    top_conflicts: np.ndarray  # (len(densities), n, n) float64
     kept: np.ndarray  # (len(densities), n) float64
 
     @classmethod
@@ -47,8 +52,8 @@ class Stats:
             gram=np.zeros((n + 1, n + 1)),
             both=np.zeros((n, n), np.int64),
             conflicts=np.zeros((n, n), np.int64),
-            top_both=np.zeros((d, n, n), np.int64),
-            top_conflicts=np.zeros((d, n, n), np.int64),
+            top_both=np.zeros((d, n, n)),
+            top_conflicts=np.zeros((d, n, n)),
             kept=np.zeros((d, n)),
         )
 
@@ -78,107 +83,155 @@ def _picks(size: int, count: int) -> np.ndarray:
     return picks
 
 
-def thresholds(delta: np.ndarray, densities: Sequence[float]) -> list[float]:
-    """For each density, the k-th largest magnitude in `delta` (np.partition).
-
-    Tensors larger than SAMPLE entries use the same quantile of a stratified sample of SAMPLE
-    entries (one at a random place in each of SAMPLE equal spans), so trimming keeps the
-    density's share of entries to within about 0.1%.
-    """
-    values = np.abs(delta[_picks(delta.size, SAMPLE)] if delta.size > SAMPLE else delta)
-    kths = [values.size - top_k(values.size, d) for d in densities]
-    values.partition(sorted(set(kths)))
-    return [float(values[k]) for k in kths]
-
-
-class _Workspace:
-    """Chunk-sized scratch arrays, reused for every chunk so memory stays bounded."""
-
-    def __init__(self, n: int, d: int, size: int):
-        self.mag = np.empty((n, size), np.float32)
-        self.limit = np.empty((n, d, size), np.float32)
-        self.clipped = np.empty(size, np.float32)
-        self.changed = np.empty((n, size), bool)
-        self.negative = np.empty((n, size), bool)
-        self.kept = np.empty((n, d, size), bool)
-        self.both = np.empty(size, bool)
-        self.opposite = np.empty(size, bool)
-        self.scratch = np.empty(size, bool)
+Release = Callable[[int, int], None]
 
 
 def tensor_stats(
-    base: np.ndarray,
-    deltas: Sequence[np.ndarray],
+    rows: Sequence[np.ndarray],
     densities: Sequence[float],
     *,
     parts: int = 1,
     mapper: Callable = map,
+    release: Release | None = None,
 ) -> Stats:
-    """Statistics of one tensor: flat float32 `base` and task vectors `deltas` (ft - base).
-
-    The tensor is cut into up to `parts` spans of whole chunks, measured by `mapper` (e.g. a
-    thread pool's map; numpy releases the GIL) and summed.
-    """
-    n = len(deltas)
-    if base.size == 0:
-        return Stats.empty(n, densities)
-    limits = np.array([thresholds(d, densities) for d in deltas], np.float32).reshape(n, -1)
-    rows = [base, *deltas]
-    chunks = -(-base.size // CHUNK)
-    step = -(-chunks // max(1, parts)) * CHUNK
-    spans = [(a, min(a + step, base.size)) for a in range(0, base.size, step)]
-    results = list(mapper(lambda span: _span_stats(rows, limits, densities, *span), spans))
-    st, below = results[0]
-    for more, more_below in results[1:]:
-        st.add(more)
-        below += more_below
-    st.gram = np.triu(st.gram) + np.triu(st.gram, 1).T
-    st.kept = np.maximum(np.diag(st.gram)[1:] - below, 0)  # rounding may dip below 0
+    """Statistics of one tensor from flat `rows` = [base, fine-tune 1, ...]: `exact_sums`,
+    then `add_trimmed` (see those for the arguments)."""
+    st, sample = exact_sums(rows, densities, parts=parts, mapper=mapper, release=release)
+    add_trimmed(st, sample)
     return st
 
 
-def _span_stats(
-    rows: Sequence[np.ndarray], limits: np.ndarray, densities: Sequence[float], lo: int, hi: int
+def exact_sums(
+    rows: Sequence[np.ndarray],
+    densities: Sequence[float],
+    *,
+    parts: int = 1,
+    mapper: Callable = map,
+    release: Release | None = None,
 ) -> tuple[Stats, np.ndarray]:
-    """Sums over entries [lo, hi), one CHUNK at a time while it is in cache (the Gram matrix
-    upper triangle only), and each task vector's squared norm below each threshold.
+    """One pass over a tensor's `rows` = [base, fine-tune 1, ...], flat, in any float dtype
+    (zero-copy views of a checkpoint's file do: each chunk is widened to float32 as it is
+    read): the exact sums, and each task vector at the sampled entries, shape (n, entries).
 
-    The squared norm below t is sum(min(|d|, t)^2) minus t^2 times the count at or above t,
-    which avoids gathering the kept entries.
+    The tensor is cut into up to `parts` spans of whole chunks, measured by `mapper` (e.g. a
+    thread pool's map; numpy releases the GIL) and summed. `release(lo, hi)` is called once
+    entries [lo, hi) of every row have been read, so their file pages can be dropped.
     """
-    n, nd = len(rows) - 1, len(densities)
+    n = len(rows) - 1
+    size = rows[0].size
+    st = Stats.empty(n, densities)
+    picks = _picks(size, SAMPLE) if size > SAMPLE else None
+    sample = np.empty((n, size if picks is None else SAMPLE), np.float32)
+    if size == 0:
+        return st, sample
+    chunks = -(-size // CHUNK)
+    step = -(-chunks // max(1, parts)) * CHUNK
+    spans = [(a, min(a + step, size)) for a in range(0, size, step)]
+    work = functools.partial(_span_stats, rows, st.densities, picks, sample, release=release)
+    for part in mapper(lambda span: work(*span), spans):
+        st.add(part)
+    st.gram = np.triu(st.gram) + np.triu(st.gram, 1).T
+    return st, sample
+
+
+def _span_stats(
+    rows: Sequence[np.ndarray],
+    densities: tuple[float, ...],
+    picks: np.ndarray | None,
+    sample: np.ndarray,
+    lo: int,
+    hi: int,
+    release: Release | None,
+) -> Stats:
+    """Exact sums over entries [lo, hi), one CHUNK at a time while it is in cache (the Gram
+    matrix upper triangle, changed and opposite-sign counts); the task vectors at the sampled
+    entries are copied into `sample` (all of them when `picks` is None)."""
+    n = len(rows) - 1
     st = Stats.empty(n, densities)
     st.numel = hi - lo
-    ws = _Workspace(n, nd, min(CHUNK, hi - lo))
-    ws.limit[...] = limits[:, :, None]  # np.minimum is slow with a scalar
-    below = np.zeros((nd, n))
+    size = min(CHUNK, hi - lo)
+    x_all = np.empty((n + 1, size), np.float32)
+    changed, negative = np.empty((n, size), bool), np.empty((n, size), bool)
+    both, opposite = np.empty(size, bool), np.empty(size, bool)
+    released = lo
     for start in range(lo, hi, CHUNK):
         stop = min(start + CHUNK, hi)
         m = stop - start
-        blocks = [row[start:stop] for row in rows]
+        x = x_all[:, :m]
+        for i, row in enumerate(rows):
+            np.copyto(x[i], row[start:stop], casting="unsafe")
+            if i:
+                np.subtract(x[i], x[0], out=x[i])
         for i in range(n + 1):
             for j in range(i, n + 1):
-                st.gram[i, j] += float(np.dot(blocks[i], blocks[j]))
-        for i in range(n):
-            mag = np.abs(blocks[i + 1], out=ws.mag[i, :m])
-            if n > 1:
-                np.greater(mag, 0, out=ws.changed[i, :m])
-                np.signbit(blocks[i + 1], out=ws.negative[i, :m])
-            for k in range(nd):
-                t = float(limits[i, k])
-                clipped = np.minimum(mag, ws.limit[i, k, :m], out=ws.clipped[:m])
-                keep = (np.greater_equal if t > 0 else np.greater)(mag, t, out=ws.kept[i, k, :m])
-                below[k, i] += float(np.dot(clipped, clipped)) - t * t * np.count_nonzero(keep)
+                st.gram[i, j] += _dot(x[i], x[j])
+        if picks is None:
+            sample[:, start:stop] = x[1:]
+        else:
+            a, b = np.searchsorted(picks, (start, stop))
+            np.take(x[1:], picks[a:b] - start, axis=1, out=sample[:, a:b], mode="wrap")
+        if n > 1:
+            np.not_equal(x[1:], 0, out=changed[:, :m])
+            np.signbit(x[1:], out=negative[:, :m])
         for i in range(n):
             for j in range(i + 1, n):
-                both = np.logical_and(ws.changed[i, :m], ws.changed[j, :m], out=ws.both[:m])
-                opposite = np.not_equal(ws.negative[i, :m], ws.negative[j, :m], out=ws.opposite[:m])
-                opposite &= both
-                st.both[i, j] += np.count_nonzero(both)
-                st.conflicts[i, j] += np.count_nonzero(opposite)
-                for k in range(nd):
-                    pair = np.logical_and(ws.kept[i, k, :m], ws.kept[j, k, :m], out=ws.scratch[:m])
-                    st.top_both[k, i, j] += np.count_nonzero(pair)
-                    pair &= opposite
-                    st.top_conflicts[k, i, j] += np.count_nonzero(pair)
-    return st, below
+                np.logical_and(changed[i, :m], changed[j, :m], out=both[:m])
+                np.not_equal(negative[i, :m], negative[j, :m], out=opposite[:m])
+                opposite[:m] &= both[:m]
+                st.both[i, j] += np.count_nonzero(both[:m])
+                st.conflicts[i, j] += np.count_nonzero(opposite[:m])
+        if release is not None and (stop - released >= RELEASE or stop == hi):
+            release(released, stop)
+            released = stop
+    return st
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """sum(a * b) for flat float32 arrays: float32 within DOT-entry blocks (one batched BLAS
+    call), float64 across them, so the rounding error does not grow with the chunk."""
+    full = a.size - a.size % DOT
+    total = 0.0
+    if full:
+        blocks = np.matmul(a[:full].reshape(-1, 1, DOT), b[:full].reshape(-1, DOT, 1))
+        total = float(blocks.sum(dtype=np.float64))
+    if full < a.size:
+        total += float(np.dot(a[full:], b[full:]))
+    return total
+
+
+def add_trimmed(st: Stats, sample: np.ndarray) -> None:
+    """Fill `st.kept` and `st.top_*` from the task vectors' `sample` (from `exact_sums`):
+    thresholds are the sample's k-th largest magnitudes, the kept share of the squared norm is
+    the sample's (times the exact squared norm), and counts are scaled to the whole tensor."""
+    n, size = sample.shape
+    if size == 0:
+        return
+    kths = [size - top_k(size, d) for d in st.densities]
+    mags = np.abs(sample)
+    limits = np.empty((n, len(kths)), np.float32)
+    for i in range(n):
+        top = np.partition(mags[i], sorted(set(kths)))  # entries from kth on are the top ones
+        energy = np.square(top, dtype=np.float64)
+        total = energy.sum()
+        for k, kth in enumerate(kths):
+            t = top[kth]
+            limits[i, k] = t
+            # trimming keeps |d| >= t: the top entries and any ties with t below them
+            ties = np.count_nonzero(top[:kth] == t) if t > 0 else 0
+            if total > 0:
+                kept = energy[kth:].sum() + ties * float(t) ** 2
+                st.kept[k, i] = kept / total * st.gram[i + 1, i + 1]
+    if n < 2:
+        return
+    # never keep a zero: a threshold of 0 becomes the smallest positive float32
+    limits = np.maximum(limits, np.finfo(np.float32).smallest_subnormal)
+    kept = mags[:, None, :] >= limits[:, :, None]
+    negative = np.signbit(sample)
+    scale = st.numel / size
+    for i in range(n):
+        for j in range(i + 1, n):
+            opposite = negative[i] != negative[j]
+            for k in range(len(kths)):
+                pair = kept[i, k] & kept[j, k]
+                st.top_both[k, i, j] = np.count_nonzero(pair) * scale
+                st.top_conflicts[k, i, j] = np.count_nonzero(pair & opposite) * scale

@@ -100,6 +100,11 @@ class TensorRef:
             offset=self.start + start * self._dtype.itemsize,
         )
 
+    def values(self) -> np.ndarray:
+        """All elements as a flat read-only view of the file in their number type (BF16 and F8
+        as ml_dtypes types): zero-copy, for code that widens them chunk by chunk."""
+        return self.raw().view(self._dtype.value)
+
     def to_numpy(self) -> np.ndarray:
         """The shaped host array in its compute form: a zero-copy read-only view for dtypes numpy
         holds natively; a new float32 array for BF16 and F8."""
@@ -134,7 +139,10 @@ class TensorRef:
             self._file.release(first + s * item, first + e * item)
         return out
 
-    def release(self) -> None:
-        """Drop this tensor's pages from the process (they stay in the page cache), so resident
-        memory does not creep up over a long merge; later reads fault them back in."""
-        self._file.release(self.start, self.end)
+    def release(self, start: int = 0, stop: int | None = None) -> None:
+        """Drop the pages of elements [start, stop) (default: all) from the process; they stay
+        in the page cache, so resident memory does not creep up over a long merge and later
+        reads fault them back in."""
+        start, stop = self._span(start, stop)
+        item = self._dtype.itemsize
+        self._file.release(self.start + start * item, self.start + stop * item)

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from stream_bench import PRESETS, model_files, read_seconds, run_merge
+from stream_bench import PRESETS, ensure_models, model_files, read_seconds, run_merge
 
 
 def decode_seconds(folders: list[Path]) -> float:
@@ -60,13 +60,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = ap.parse_args()
 
-    from mmerge.testing import write_model_family
-
-    shape = PRESETS[a.preset]
-    models = a.cache / a.preset
-    if not (models / "ft2" / "model.safetensors.index.json").exists():
-        print(f"generating {a.preset} models in {models} ...", file=sys.stderr)
-        write_model_family(models, **shape, dtype="BF16", layout="folder")
+    models = ensure_models(a.cache, a.preset)
     folders = [models / k for k in ("base", "ft1", "ft2")]
     files = [f for folder in folders for f in model_files(folder)]
     read_s = read_seconds(files)
@@ -78,7 +72,7 @@ def main() -> None:
     rss = max(r for _, r, _ in runs)
     result = {
         "preset": a.preset,
-        "shape": shape,
+        "shape": PRESETS[a.preset],
         "input_bytes": sum(f.stat().st_size for f in files),
         "threads": os.cpu_count(),
         "analyze_s": round(wall, 2),

@@ -31,6 +31,17 @@ EXTRA = {
 }
 
 
+def ensure_models(cache: Path, preset: str) -> Path:
+    """The folder of the preset's generated base, ft1 and ft2, written on first use."""
+    from mmerge.testing import write_model_family
+
+    models = cache / preset
+    if not (models / "ft2" / "model.safetensors.index.json").exists():
+        print(f"generating {preset} models in {models} ...", file=sys.stderr)
+        write_model_family(models, **PRESETS[preset], dtype="BF16", layout="folder")
+    return models
+
+
 def model_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
@@ -89,13 +100,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = ap.parse_args()
 
-    from mmerge.testing import write_model_family
-
     shape = PRESETS[a.preset]
-    models = a.cache / a.preset
-    if not (models / "ft2" / "model.safetensors.index.json").exists():
-        print(f"generating {a.preset} models in {models} ...", file=sys.stderr)
-        write_model_family(models, **shape, dtype="BF16", layout="folder")
+    models = ensure_models(a.cache, a.preset)
     work = a.cache / "out"
     work.mkdir(parents=True, exist_ok=True)
     names = {k: model_files(models / k) for k in ("base", "ft1", "ft2")}

@@ -3,17 +3,20 @@ known structure (orthogonal, opposite, parallel, from another base)."""
 
 import json
 import math
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+import sys
+import threading
 
 import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from mmerge.analyze import analyze, stats
+from mmerge.analyze import analyze, scan, stats
 from mmerge.analyze.groups import group_of, group_order
 from mmerge.analyze.report import render, worst_first
-from mmerge.errors import InvalidInput, PlanError
+from mmerge.errors import FormatError, InvalidInput, PlanError
+from mmerge.io import open_checkpoint
 
 SHAPES = {
     "model.embed_tokens.weight": (40, 16),
@@ -293,6 +296,57 @@ def test_progress_is_reported_per_tensor(tmp_path):
     assert seen == [(i + 1, len(SHAPES)) for i in range(len(SHAPES))]
 
 
+def test_worker_processes_give_the_same_figures(tmp_path):
+    base_p, ft_p, _, _ = family(tmp_path, [gaussian(1), gaussian(2)], dtype=ml_dtypes.bfloat16)
+    alone = analyze(base_p, ft_p, workers=1).to_json()
+    seen = []
+    shared = analyze(base_p, ft_p, workers=3, progress=lambda i, n, name: seen.append((i, name)))
+    assert shared.to_json() == alone
+    assert [i for i, _ in seen] == list(range(1, len(SHAPES) + 1))
+    assert sorted(name for _, name in seen) == sorted(SHAPES)
+    with open_checkpoint(base_p) as ckpt:  # the base's order, not the order they finished in
+        assert [t["name"] for t in shared.to_json()["tensors"]] == list(ckpt)
+
+
+@pytest.mark.slow
+def test_spawned_workers_give_the_same_figures(tmp_path, monkeypatch):
+    base_p, ft_p, _, _ = family(tmp_path, [gaussian(1), gaussian(2)])
+    alone = analyze(base_p, ft_p, workers=1).to_json()
+    monkeypatch.setattr(scan, "_pool_context", lambda: multiprocessing.get_context("spawn"))
+    assert analyze(base_p, ft_p, workers=2).to_json() == alone
+
+
+def test_fork_only_while_no_other_thread_runs():
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert scan._pool_context().get_start_method() == "spawn"
+    finally:
+        stop.set()
+        other.join()
+    if LINUX and threading.active_count() == 1:
+        assert scan._pool_context().get_start_method() == "fork"
+
+
+LINUX = sys.platform.startswith("linux")
+
+
+@pytest.mark.skipif(not LINUX, reason="needs fork: the workers inherit the patch")
+def test_an_error_in_a_worker_reaches_the_caller(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise FormatError("tensor bytes unreadable")
+
+    monkeypatch.setattr(scan, "exact_sums", broken)
+    with pytest.raises(FormatError, match="tensor bytes unreadable"):
+        analyze(*family(tmp_path, [gaussian(1)])[:2], workers=2)
+
+
+def test_small_models_are_measured_in_this_process():
+    assert scan.default_workers(scan.SMALL - 1) == 1
+    assert scan.default_workers(scan.SMALL) >= 1
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 
@@ -320,6 +374,11 @@ def test_bad_density_is_invalid_input(tmp_path, densities):
     base_p, ft_p, _, _ = family(tmp_path, [gaussian(1)])
     with pytest.raises(InvalidInput, match="density"):
         analyze(base_p, ft_p, densities=densities)
+
+
+def test_zero_workers_is_invalid_input(tmp_path):
+    with pytest.raises(InvalidInput, match="workers"):
+        analyze(*family(tmp_path, [gaussian(1)])[:2], workers=0)
 
 
 def test_no_fine_tunes_is_invalid_input(tmp_path):
@@ -376,30 +435,27 @@ def test_chunks_sum_to_the_float64_figures(monkeypatch):
     assert got.conflicts[0, 1] == (both & (np.sign(r64[1]) != np.sign(r64[2]))).sum()
 
 
-def test_spans_measured_in_parallel_sum_to_the_whole(monkeypatch):
-    monkeypatch.setattr(stats, "CHUNK", 700)
-    monkeypatch.setattr(stats, "SAMPLE", 1000)  # the spans gather the sample too
-    rows, _ = _rows(5000, 2, n=3)
-    whole = stats.tensor_stats(rows, (0.1, 0.5))
-    with ThreadPoolExecutor(3) as pool:
-        split = stats.tensor_stats(rows, (0.1, 0.5), parts=3, mapper=pool.map)
-    np.testing.assert_allclose(split.gram, whole.gram, rtol=1e-6)
-    for field in ("numel", "both", "conflicts", "kept", "top_both", "top_conflicts"):
-        np.testing.assert_array_equal(getattr(split, field), getattr(whole, field))
-
-
 def test_release_covers_every_entry_once(monkeypatch):
     monkeypatch.setattr(stats, "CHUNK", 100)
     monkeypatch.setattr(stats, "RELEASE", 250)
     rows, _ = _rows(1234, 3)
     seen = []
-    with ThreadPoolExecutor(2) as pool:
-        stats.tensor_stats(
-            rows, (0.5,), parts=2, mapper=pool.map, release=lambda lo, hi: seen.append((lo, hi))
-        )
-    seen.sort()
+    stats.tensor_stats(rows, (0.5,), release=lambda lo, hi: seen.append((lo, hi)))
     assert seen[0][0] == 0 and seen[-1][1] == 1234
     assert all(a[1] == b[0] for a, b in zip(seen, seen[1:]))
+    assert all(hi - lo >= 250 for lo, hi in seen[:-1])
+
+
+def test_nested_selection_matches_partition():
+    values = np.random.default_rng(5).standard_normal(1001).astype(np.float32)
+    values[::7] = 0.5  # ties across the kths
+    kths = [900, 100, 500, 500, 1000, 0]
+    got, nth = stats._select(values, kths)
+    ordered = np.sort(values)
+    for kth in kths:
+        assert nth[kth] == ordered[kth]
+        assert np.all(got[:kth] <= nth[kth]) and np.all(got[kth:] >= nth[kth])
+    np.testing.assert_array_equal(np.sort(got), ordered)
 
 
 def test_large_tensors_measure_trimming_on_a_sample(monkeypatch):

@@ -11,20 +11,24 @@ import click
 from mmerge.analyze.scan import analyze as run_analysis
 
 
-def _progress_bar(enabled: bool):
-    """A stderr progress callback when stderr is a terminal, else None."""
-    if not enabled or not sys.stderr.isatty():
-        return None, None
-    from tqdm import tqdm
+class _ProgressBar:
+    """A stderr progress bar, made at the first update: tqdm starts a monitor thread, and
+    the worker processes are forked, more cheaply, while this process has no other thread."""
 
-    bar = tqdm(unit="tensor", file=sys.stderr, leave=False)
+    def __init__(self) -> None:
+        self.bar = None
 
-    def update(done: int, total: int, name: str) -> None:
-        bar.total = total
-        bar.set_postfix_str(name[-40:], refresh=False)
-        bar.update(done - bar.n)
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
 
-    return update, bar
+            self.bar = tqdm(total=total, unit="tensor", file=sys.stderr, leave=False)
+        self.bar.set_postfix_str(name[-40:], refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @click.command(
@@ -74,10 +78,10 @@ def analyze(
         pyplot()
         if not Path(plot_path).resolve().parent.is_dir():
             raise click.BadParameter(f"folder of {plot_path} does not exist", param_hint="--plot")
-    progress, bar = _progress_bar(not quiet)
+    bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
     try:
         result = run_analysis(
-            base, list(finetunes), densities=densities or (0.1, 0.3, 0.5), progress=progress
+            base, list(finetunes), densities=densities or (0.1, 0.3, 0.5), progress=bar
         )
     finally:
         if bar is not None:

@@ -1,11 +1,15 @@
-"""One streaming pass over a base and its fine-tunes: measure a tensor of every checkpoint
-straight from the memory maps, chunk by chunk, sum its statistics into its layer's, go on."""
+"""One streaming pass over a base and its fine-tunes: worker processes measure a tensor of
+every checkpoint straight from the memory maps, chunk by chunk; the sums make the report."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from multiprocessing.context import BaseContext
 from pathlib import Path
 
 from threadpoolctl import threadpool_limits
@@ -20,6 +24,7 @@ from mmerge.errors import InvalidInput, PlanError
 from mmerge.io import open_checkpoint
 
 Progress = Callable[[int, int, str], None]
+SMALL = 1 << 25  # entries per checkpoint below which one process measures everything
 
 
 def _is_float(code: str) -> bool:
@@ -82,27 +87,37 @@ def analyze(
     *,
     densities: Sequence[float] = (0.1, 0.3, 0.5),
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> AnalysisResult:
     """Measure how well `finetunes` of `base` will merge, in one streaming pass.
 
     Returns per-tensor, per-layer and whole-model figures, findings and a recommendation.
-    Memory stays near a few copies of the largest tensor per model.
+    Tensors are measured by `workers` processes (default: one per core; one, in this process,
+    for small models); each holds a few chunks and one sample, never a whole tensor.
     """
     if isinstance(finetunes, (str, os.PathLike)) or not finetunes:
         raise InvalidInput("analyze needs a base and at least one fine-tune (a list of paths)")
     densities = check_densities(densities)
-    paths = [base, *finetunes]
+    if workers is not None and workers < 1:
+        raise InvalidInput(f"workers must be at least 1, got {workers}")
+    paths = [str(p) for p in (base, *finetunes)]
     labels = labels_for(paths)
     checkpoints = []
     try:
         for p in paths:
             checkpoints.append(open_checkpoint(p))
         names = tensor_names(checkpoints, labels)
-        per_tensor, per_group = _stream(checkpoints, names, densities, progress)
+        numels = {name: checkpoints[0][name].numel for name in names}
     finally:
         for ckpt in checkpoints:
             ckpt.close()
+    if workers is None:
+        workers = default_workers(sum(numels.values()))
+    per_tensor = _stream(paths, names, numels, densities, progress, min(workers, len(names)))
     ft_labels = labels[1:]
+    per_group: dict[int | str, Stats] = {}
+    for name, st in per_tensor.items():
+        per_group.setdefault(group_of(name), Stats.empty(len(ft_labels), densities)).add(st)
     total = Stats.empty(len(ft_labels), densities)
     for st in per_group.values():
         total.add(st)
@@ -129,50 +144,101 @@ def analyze(
     )
 
 
+def default_workers(entries: int) -> int:
+    """One process per usable core; just this one below SMALL entries per checkpoint, where
+    starting workers would cost more than they save."""
+    if entries < SMALL:
+        return 1
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _stream(
-    checkpoints: Sequence[Mapping],
+    paths: Sequence[str],
     names: Sequence[str],
+    numels: Mapping[str, int],
     densities: tuple[float, ...],
     progress: Progress | None,
-) -> tuple[dict[str, Stats], dict[int | str, Stats]]:
-    """Statistics of every tensor and their sums per layer group.
+    workers: int,
+) -> dict[str, Stats]:
+    """Statistics of every tensor, in `names` order.
 
-    Each tensor is read straight from the files' memory maps, a chunk at a time, by one thread
-    per core over spans of it; meanwhile another thread measures top-k trimming on the sample of
-    the tensor before (small and in cache, so it barely competes with the reading).
+    Processes, not threads: numpy's many short calls per chunk hold the GIL often enough that
+    threads measured no faster than one. Largest tensors go first, so workers end together.
     """
-    n = len(checkpoints) - 1
-    per_tensor: dict[str, Stats] = {}
-    keep_chunk_memory()
-    workers = os.cpu_count() or 1
-    # BLAS threads of their own would only contend with the measuring threads
-    with (
-        threadpool_limits(1, user_api="blas"),
-        ThreadPoolExecutor(workers) as pool,
-        ThreadPoolExecutor(1) as trimmer,
-    ):
-        pending = None
-        for i, name in enumerate(names):
-            refs = [ckpt[name] for ckpt in checkpoints]
+    order = sorted(names, key=lambda name: -numels[name])
+    measured: dict[str, Stats] = {}
+    for done, (name, st) in enumerate(_measure_all(paths, densities, order, workers), 1):
+        measured[name] = st
+        if progress is not None:
+            progress(done, len(names), name)
+    return {name: measured[name] for name in names}
 
-            def release(lo: int, hi: int, refs=refs) -> None:
-                for ref in refs:
-                    ref.release(lo, hi)
 
-            rows = [ref.values() for ref in refs]
-            st, sample = exact_sums(
-                rows, densities, parts=workers, mapper=pool.map, release=release
-            )
-            del rows
-            if pending is not None:
-                pending.result()  # one sample waiting at a time bounds memory
-            pending = trimmer.submit(add_trimmed, st, sample)
-            per_tensor[name] = st
-            if progress is not None:
-                progress(i + 1, len(names), name)
-        if pending is not None:
-            pending.result()
-    per_group: dict[int | str, Stats] = {}
-    for name, st in per_tensor.items():
-        per_group.setdefault(group_of(name), Stats.empty(n, densities)).add(st)
-    return per_tensor, per_group
+def _measure_all(
+    paths: Sequence[str], densities: tuple[float, ...], order: Sequence[str], workers: int
+) -> Iterator[tuple[str, Stats]]:
+    """(name, statistics) of each tensor in `order`, as they are done."""
+    if workers <= 1:
+        measure = _Measurer(paths, densities)
+        try:
+            with threadpool_limits(1, user_api="blas"):
+                yield from map(measure, order)
+        finally:
+            measure.close()
+        return
+    with warnings.catch_warnings():
+        # Python 3.12+ warns of every fork once numpy's BLAS has started its own idle
+        # threads; BLAS libraries reset those across fork, so the warning does not apply
+        warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+        pool = _pool_context().Pool(workers, _start_worker, (paths, densities))
+    with pool:
+        yield from pool.imap_unordered(_measure_in_worker, order)
+
+
+def _pool_context() -> BaseContext:
+    """fork where it is cheap and safe: on Linux, while this process runs no other Python
+    thread (a thread could hold a lock the child would wait on forever); spawn elsewhere."""
+    if sys.platform.startswith("linux") and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+class _Measurer:
+    """The checkpoints at `paths`, opened once, measured one tensor at a time."""
+
+    def __init__(self, paths: Sequence[str], densities: tuple[float, ...]):
+        keep_chunk_memory()
+        self.densities = densities
+        self.checkpoints = [open_checkpoint(p) for p in paths]
+
+    def __call__(self, name: str) -> tuple[str, Stats]:
+        refs = [ckpt[name] for ckpt in self.checkpoints]
+
+        def release(lo: int, hi: int) -> None:
+            for ref in refs:
+                ref.release(lo, hi)
+
+        st, sample = exact_sums([ref.values() for ref in refs], self.densities, release=release)
+        add_trimmed(st, sample)
+        return name, st
+
+    def close(self) -> None:
+        for ckpt in self.checkpoints:
+            ckpt.close()
+
+
+_worker: _Measurer | None = None  # a worker process's own, set by _start_worker
+
+
+def _start_worker(paths: Sequence[str], densities: tuple[float, ...]) -> None:
+    """Open the checkpoints in a new worker process, with BLAS limited to its one thread."""
+    global _worker
+    threadpool_limits(1, user_api="blas")
+    _worker = _Measurer(paths, densities)
+
+
+def _measure_in_worker(name: str) -> tuple[str, Stats]:
+    assert _worker is not None, "_start_worker runs first in every worker"
+    return _worker(name)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CHUNK = 1 << 19  # entries per chunk: few enough numpy calls that two threads rarely wait
+CHUNK = 1 << 19  # entries per chunk: per-call overhead is small, the rows stay in L2/L3 cache
 DOT = 1 << 16  # float32 dot products within blocks of this many entries, float64 across
 SAMPLE = 1 << 17  # larger tensors measure top-k trimming on a sample of this many entries
 RELEASE = 1 << 20  # entries read between calls to drop their file pages
@@ -87,75 +87,39 @@ Release = Callable[[int, int], None]
 
 
 def tensor_stats(
-    rows: Sequence[np.ndarray],
-    densities: Sequence[float],
-    *,
-    parts: int = 1,
-    mapper: Callable = map,
-    release: Release | None = None,
+    rows: Sequence[np.ndarray], densities: Sequence[float], *, release: Release | None = None
 ) -> Stats:
     """Statistics of one tensor from flat `rows` = [base, fine-tune 1, ...]: `exact_sums`,
     then `add_trimmed` (see those for the arguments)."""
-    st, sample = exact_sums(rows, densities, parts=parts, mapper=mapper, release=release)
+    st, sample = exact_sums(rows, densities, release=release)
     add_trimmed(st, sample)
     return st
 
 
 def exact_sums(
-    rows: Sequence[np.ndarray],
-    densities: Sequence[float],
-    *,
-    parts: int = 1,
-    mapper: Callable = map,
-    release: Release | None = None,
+    rows: Sequence[np.ndarray], densities: Sequence[float], *, release: Release | None = None
 ) -> tuple[Stats, np.ndarray]:
     """One pass over a tensor's `rows` = [base, fine-tune 1, ...], flat, in any float dtype
     (zero-copy views of a checkpoint's file do: each chunk is widened to float32 as it is
     read): the exact sums, and each task vector at the sampled entries, shape (n, entries).
 
-    The tensor is cut into up to `parts` spans of whole chunks, measured by `mapper` (e.g. a
-    thread pool's map; numpy releases the GIL) and summed. `release(lo, hi)` is called once
-    entries [lo, hi) of every row have been read, so their file pages can be dropped.
+    The sums are taken one CHUNK at a time while it is in cache: the Gram matrix's upper
+    triangle, changed and opposite-sign counts. `release(lo, hi)` is called once entries
+    [lo, hi) of every row have been read, so their file pages can be dropped.
     """
     n = len(rows) - 1
     size = rows[0].size
     st = Stats.empty(n, densities)
+    st.numel = size
     picks = _picks(size, SAMPLE) if size > SAMPLE else None
     sample = np.empty((n, size if picks is None else SAMPLE), np.float32)
-    if size == 0:
-        return st, sample
-    chunks = -(-size // CHUNK)
-    step = -(-chunks // max(1, parts)) * CHUNK
-    spans = [(a, min(a + step, size)) for a in range(0, size, step)]
-    work = functools.partial(_span_stats, rows, st.densities, picks, sample, release=release)
-    for part in mapper(lambda span: work(*span), spans):
-        st.add(part)
-    st.gram = np.triu(st.gram) + np.triu(st.gram, 1).T
-    return st, sample
-
-
-def _span_stats(
-    rows: Sequence[np.ndarray],
-    densities: tuple[float, ...],
-    picks: np.ndarray | None,
-    sample: np.ndarray,
-    lo: int,
-    hi: int,
-    release: Release | None,
-) -> Stats:
-    """Exact sums over entries [lo, hi), one CHUNK at a time while it is in cache (the Gram
-    matrix upper triangle, changed and opposite-sign counts); the task vectors at the sampled
-    entries are copied into `sample` (all of them when `picks` is None)."""
-    n = len(rows) - 1
-    st = Stats.empty(n, densities)
-    st.numel = hi - lo
-    size = min(CHUNK, hi - lo)
-    x_all = np.empty((n + 1, size), np.float32)
-    changed, negative = np.empty((n, size), bool), np.empty((n, size), bool)
-    both, opposite = np.empty(size, bool), np.empty(size, bool)
-    released = lo
-    for start in range(lo, hi, CHUNK):
-        stop = min(start + CHUNK, hi)
+    width = min(CHUNK, size)
+    x_all = np.empty((n + 1, width), np.float32)
+    changed, negative = np.empty((n, width), bool), np.empty((n, width), bool)
+    both, opposite = np.empty(width, bool), np.empty(width, bool)
+    released = 0
+    for start in range(0, size, CHUNK):
+        stop = min(start + CHUNK, size)
         m = stop - start
         x = x_all[:, :m]
         for i, row in enumerate(rows):
@@ -180,10 +144,11 @@ def _span_stats(
                 opposite[:m] &= both[:m]
                 st.both[i, j] += np.count_nonzero(both[:m])
                 st.conflicts[i, j] += np.count_nonzero(opposite[:m])
-        if release is not None and (stop - released >= RELEASE or stop == hi):
+        if release is not None and (stop - released >= RELEASE or stop == size):
             release(released, stop)
             released = stop
-    return st
+    st.gram = np.triu(st.gram) + np.triu(st.gram, 1).T
+    return st, sample
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
@@ -199,6 +164,20 @@ def _dot(a: np.ndarray, b: np.ndarray) -> float:
     return total
 
 
+def _select(values: np.ndarray, kths: Sequence[int]) -> tuple[np.ndarray, dict[int, float]]:
+    """`values` partitioned so that each kth splits them into the kth smallest and the rest
+    (as np.partition does), and the kth smallest value for each kth. Each partition after
+    the first only reorders the part above the one before: half the work for three kths."""
+    out = values.copy()
+    nth = {}
+    lo = 0
+    for kth in sorted(set(kths)):
+        out[lo:].partition(kth - lo)
+        nth[kth] = out[kth]
+        lo = kth
+    return out, nth
+
+
 def add_trimmed(st: Stats, sample: np.ndarray) -> None:
     """Fill `st.kept` and `st.top_*` from the task vectors' `sample` (from `exact_sums`):
     thresholds are the sample's k-th largest magnitudes, the kept share of the squared norm is
@@ -210,11 +189,11 @@ def add_trimmed(st: Stats, sample: np.ndarray) -> None:
     mags = np.abs(sample)
     limits = np.empty((n, len(kths)), np.float32)
     for i in range(n):
-        top = np.partition(mags[i], sorted(set(kths)))  # entries from kth on are the top ones
+        top, nth = _select(mags[i], kths)  # entries from kth on are the top ones
         energy = np.square(top, dtype=np.float64)
         total = energy.sum()
         for k, kth in enumerate(kths):
-            t = top[kth]
+            t = nth[kth]
             limits[i, k] = t
             # trimming keeps |d| >= t: the top entries and any ties with t below them
             ties = np.count_nonzero(top[:kth] == t) if t > 0 else 0

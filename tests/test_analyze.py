@@ -342,9 +342,10 @@ def test_an_error_in_a_worker_reaches_the_caller(tmp_path, monkeypatch):
         analyze(*family(tmp_path, [gaussian(1)])[:2], workers=2)
 
 
-def test_small_models_are_measured_in_this_process():
+def test_one_worker_per_usable_core_except_for_small_models(monkeypatch):
+    monkeypatch.setattr(scan.os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    assert scan.default_workers(scan.SMALL) == 3
     assert scan.default_workers(scan.SMALL - 1) == 1
-    assert scan.default_workers(scan.SMALL) >= 1
 
 
 # --- bad input ----------------------------------------------------------------------------------

@@ -240,5 +240,6 @@ def _start_worker(paths: Sequence[str], densities: tuple[float, ...]) -> None:
 
 
 def _measure_in_worker(name: str) -> tuple[str, Stats]:
+    """One tensor, measured with this worker's open checkpoints."""
     assert _worker is not None, "_start_worker runs first in every worker"
     return _worker(name)

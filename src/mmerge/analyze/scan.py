@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from multiprocessing.context import BaseContext
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from mmerge.analyze.stats import Stats, add_trimmed, exact_sums
 from mmerge.analyze.verdicts import assess
 from mmerge.engine.allocator import keep_chunk_memory
 from mmerge.errors import InvalidInput, PlanError
-from mmerge.io import open_checkpoint
+from mmerge.io import Checkpoint, open_checkpoint
 
 Progress = Callable[[int, int, str], None]
 SMALL = 1 << 25  # entries per checkpoint below which one process measures everything
@@ -107,13 +107,10 @@ def analyze(
         for p in paths:
             checkpoints.append(open_checkpoint(p))
         names = tensor_names(checkpoints, labels)
-        numels = {name: checkpoints[0][name].numel for name in names}
+        per_tensor = _stream(checkpoints, paths, names, densities, progress, workers)
     finally:
         for ckpt in checkpoints:
             ckpt.close()
-    if workers is None:
-        workers = default_workers(sum(numels.values()))
-    per_tensor = _stream(paths, names, numels, densities, progress, min(workers, len(names)))
     ft_labels = labels[1:]
     per_group: dict[int | str, Stats] = {}
     for name, st in per_tensor.items():
@@ -155,46 +152,47 @@ def default_workers(entries: int) -> int:
 
 
 def _stream(
+    checkpoints: Sequence[Checkpoint],
     paths: Sequence[str],
     names: Sequence[str],
-    numels: Mapping[str, int],
     densities: tuple[float, ...],
     progress: Progress | None,
-    workers: int,
+    workers: int | None,
 ) -> dict[str, Stats]:
-    """Statistics of every tensor, in `names` order.
+    """Statistics of every tensor, in `names` order: measured with the open `checkpoints` in
+    this process, or by `workers` processes that open `paths` themselves.
 
     Processes, not threads: numpy's many short calls per chunk hold the GIL often enough that
     threads measured no faster than one. Largest tensors go first, so workers end together.
     """
+    numels = {name: checkpoints[0][name].numel for name in names}
+    if workers is None:
+        workers = default_workers(sum(numels.values()))
+    workers = min(workers, len(names))
     order = sorted(names, key=lambda name: -numels[name])
-    measured: dict[str, Stats] = {}
-    for done, (name, st) in enumerate(_measure_all(paths, densities, order, workers), 1):
-        measured[name] = st
-        if progress is not None:
-            progress(done, len(names), name)
-    return {name: measured[name] for name in names}
-
-
-def _measure_all(
-    paths: Sequence[str], densities: tuple[float, ...], order: Sequence[str], workers: int
-) -> Iterator[tuple[str, Stats]]:
-    """(name, statistics) of each tensor in `order`, as they are done."""
     if workers <= 1:
-        measure = _Measurer(paths, densities)
-        try:
-            with threadpool_limits(1, user_api="blas"):
-                yield from map(measure, order)
-        finally:
-            measure.close()
-        return
+        measure = _Measurer(checkpoints, densities)
+        with threadpool_limits(1, user_api="blas"):
+            return _collect(map(measure, order), names, progress)
     with warnings.catch_warnings():
         # Python 3.12+ warns of every fork once numpy's BLAS has started its own idle
         # threads; BLAS libraries reset those across fork, so the warning does not apply
         warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
         pool = _pool_context().Pool(workers, _start_worker, (paths, densities))
     with pool:
-        yield from pool.imap_unordered(_measure_in_worker, order)
+        return _collect(pool.imap_unordered(_measure_in_worker, order), names, progress)
+
+
+def _collect(
+    results: Iterable[tuple[str, Stats]], names: Sequence[str], progress: Progress | None
+) -> dict[str, Stats]:
+    """Each tensor's statistics as they are done, reported to `progress`, in `names` order."""
+    measured: dict[str, Stats] = {}
+    for done, (name, st) in enumerate(results, 1):
+        measured[name] = st
+        if progress is not None:
+            progress(done, len(names), name)
+    return {name: measured[name] for name in names}
 
 
 def _pool_context() -> BaseContext:
@@ -206,12 +204,12 @@ def _pool_context() -> BaseContext:
 
 
 class _Measurer:
-    """The checkpoints at `paths`, opened once, measured one tensor at a time."""
+    """Open `checkpoints`, measured one tensor at a time."""
 
-    def __init__(self, paths: Sequence[str], densities: tuple[float, ...]):
+    def __init__(self, checkpoints: Sequence[Checkpoint], densities: tuple[float, ...]):
         keep_chunk_memory()
         self.densities = densities
-        self.checkpoints = [open_checkpoint(p) for p in paths]
+        self.checkpoints = checkpoints
 
     def __call__(self, name: str) -> tuple[str, Stats]:
         refs = [ckpt[name] for ckpt in self.checkpoints]
@@ -224,19 +222,16 @@ class _Measurer:
         add_trimmed(st, sample)
         return name, st
 
-    def close(self) -> None:
-        for ckpt in self.checkpoints:
-            ckpt.close()
-
 
 _worker: _Measurer | None = None  # a worker process's own, set by _start_worker
 
 
 def _start_worker(paths: Sequence[str], densities: tuple[float, ...]) -> None:
-    """Open the checkpoints in a new worker process, with BLAS limited to its one thread."""
+    """Open the checkpoints in a new worker process (they stay open until it ends), with BLAS
+    limited to its one thread."""
     global _worker
     threadpool_limits(1, user_api="blas")
-    _worker = _Measurer(paths, densities)
+    _worker = _Measurer([open_checkpoint(p) for p in paths], densities)
 
 
 def _measure_in_worker(name: str) -> tuple[str, Stats]:

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 
 from mmerge import backend as mm_backend
-from mmerge.backend import transfer
 
 ALL_FLOATS = ("float16", "bfloat16", "float32", "float64")
 
@@ -26,16 +25,16 @@ class Backend:
     floats: tuple[str, ...] = ALL_FLOATS
 
     def available(self) -> tuple[bool, str]:
-        """(True, '') or (False, why not), as the transfer module sees it."""
-        return transfer.available(self.library, self.device)
+        """(True, '') or (False, why not), as mmerge's backend objects see it."""
+        return mm_backend.available(self.library, self.device)
 
     def put(self, host: np.ndarray) -> Any:
         """A host array on this backend (16-bit floats keep their dtype where it exists)."""
-        return transfer.to_backend(host, self.library, self.device)
+        return mm_backend.get(self.library, self.device).from_host(host)
 
     def host(self, x: Any) -> np.ndarray:
         """A backend array back on the host."""
-        return transfer.to_host(x)
+        return mm_backend.to_host(x)
 
     @property
     def xp(self) -> Any:

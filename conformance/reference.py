@@ -49,33 +49,32 @@ def elected_positive(votes: list[np.ndarray], election: str) -> np.ndarray:
 
 # -- counter-based random bits (spec/methods.md, "Random drop masks") ----------------------
 
-_M31 = (1 << 31) - 1
-_C1, _C2 = 0x5BD1E995, 0x045D9F3B
+_M32 = (1 << 32) - 1
+_C = 0x045D9F3B
 
 
-def stream_keys(seed: int, name: str, stream: int) -> tuple[int, int, int]:
-    """Three 31-bit keys from blake2b(seed LE 8 bytes, stream LE 4 bytes, UTF-8 name)."""
+def stream_keys(seed: int, name: str, stream: int) -> tuple[int, int]:
+    """Two 32-bit keys from blake2b(seed LE 8 bytes, stream LE 4 bytes, UTF-8 name)."""
     data = seed.to_bytes(8, "little") + stream.to_bytes(4, "little") + name.encode("utf-8")
-    digest = hashlib.blake2b(data, digest_size=12, person=b"mmerge-rng").digest()
-    return tuple(int.from_bytes(digest[j : j + 4], "little") & _M31 for j in (0, 4, 8))
+    digest = hashlib.blake2b(data, digest_size=8, person=b"mmerge-rng32").digest()
+    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
     x = x ^ (x >> 16)
-    x = (x * _C1) & _M31
-    x = x ^ (x >> 15)
-    x = (x * _C2) & _M31
+    x = (x * _C) & _M32
+    x = x ^ (x >> 16)
+    x = (x * _C) & _M32
     return x ^ (x >> 16)
 
 
-def random_bits(n: int, seed: int, name: str, stream: int) -> np.ndarray:
-    """The 31-bit value of flat indices 0..n-1 (int64)."""
-    k0, k1, k2 = stream_keys(seed, name, stream)
-    index = np.arange(n, dtype=np.int64)
-    h = _mix((index & _M31) ^ k0)
-    return _mix(h ^ (index >> 31) ^ k1) ^ k2
+def random_bits(n: int, seed: int, name: str, stream: int, start: int = 0) -> np.ndarray:
+    """The 32-bit value of flat indices start .. start+n-1 (int64)."""
+    k0, k1 = stream_keys(seed, name, stream)
+    index = np.arange(start, start + n, dtype=np.int64)
+    return _mix((index & _M32) ^ k0 ^ _mix((index >> 32) ^ k1))
 
 
 def keep_threshold(p: np.ndarray | float) -> np.ndarray:
-    """Integer cut for keep-probability p: a value v is kept when v < floor(p * 2**31)."""
-    return np.clip(np.floor(np.asarray(p, np.float64) * 2.0**31), 0, 2**31).astype(np.int64)
+    """Integer cut for keep-probability p: a value v is kept when v < floor(p * 2**32)."""
+    return np.clip(np.floor(np.asarray(p, np.float64) * 2.0**32), 0, 2**32).astype(np.int64)

@@ -1,9 +1,8 @@
 """How close is close enough: the comparisons spec/methods.md states, with readable failures.
 
 `assert_identical` is for what the spec makes bit-exact (elementwise float arithmetic, integer
-masks). `assert_close` allows an error of `rtol * scale` (scale: the largest input magnitude,
-since cancellation makes errors relative to the operands, not the result) plus two units of
-rounding of the output dtype at each expected value.
+masks). `assert_close` is the one tolerance check of the project's tests (unit tests, spec
+vectors, properties); `assert_as_specified` states the suite's tolerance with it.
 """
 
 from __future__ import annotations
@@ -48,14 +47,33 @@ def assert_equal_values(got: np.ndarray, want: np.ndarray, what: str = "") -> No
 
 
 def assert_close(
-    got: np.ndarray, want: np.ndarray, dtype: str, scale: float, rtol32: float, what: str = ""
+    got: np.ndarray,
+    want: np.ndarray,
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-6,
+    scale: float | None = None,
+    what: str = "",
 ) -> None:
-    """|got - want| <= rtol * scale + 2 * unit roundoff(dtype) * |want| for every entry."""
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    """|got - want| <= atol * scale + rtol * |want| for every entry, where `scale` is the
+    magnitude errors are relative to (default max(1, max|want|)); NaN matches NaN."""
     g, w = as_f64(got), as_f64(want)
-    allowed = rtol_for(dtype, rtol32) * scale + 2 * UNIT_ROUNDOFF[dtype] * np.abs(w)
+    assert g.shape == w.shape, f"{what}: shape {g.shape} != {w.shape}"
+    if scale is None:
+        scale = max(1.0, float(np.max(np.abs(w), initial=0.0)))
+    allowed = atol * scale + rtol * np.abs(w)
     same = (g == w) | (np.isnan(g) & np.isnan(w))
     differ = ~(same | (np.abs(g - w) <= allowed))
-    assert not differ.any(), (
-        f"{what}: beyond rtol {rtol_for(dtype, rtol32):g} x scale {scale:g}: {_where(differ, g, w)}"
+    assert not differ.any(), f"{what}: beyond atol {atol:g} x {scale:g} + rtol {rtol:g}: " + (
+        _where(differ, g, w)
     )
+
+
+def assert_as_specified(
+    got: np.ndarray, want: np.ndarray, dtype: str, scale: float, rtol32: float, what: str = ""
+) -> None:
+    """The suite's comparison: an error of `rtol * scale` (scale: the largest input magnitude,
+    since cancellation makes errors relative to the operands) plus two units of rounding of the
+    output dtype at each expected value."""
+    rtol = 2 * UNIT_ROUNDOFF[dtype]
+    assert_close(got, want, rtol=rtol, atol=rtol_for(dtype, rtol32), scale=scale, what=what)

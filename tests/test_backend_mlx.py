@@ -8,7 +8,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 from mmerge import backend  # noqa: E402
-from mmerge.backend import mlx as mlx_backend  # noqa: E402
+from mmerge.backend import mlx_namespace as mlx_backend  # noqa: E402
 from mmerge.errors import InvalidInput  # noqa: E402
 
 xp = mlx_backend.namespace()

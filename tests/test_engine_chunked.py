@@ -1,23 +1,26 @@
-"""Large tensors of trim methods are merged chunk by chunk after a per-model prepare pass;
-the result must be bit-identical to the method applied to the whole tensors in memory."""
+"""The engine runs every method's passes and apply over chunks; the result must be bit-identical
+to the method applied to whole tensors in memory (`merge_tensors`), for every registered method
+and every case of its spec vectors, on numpy and torch, with many chunks per tensor."""
 
 import numpy as np
 import pytest
 
 import mmerge
-from mmerge.engine.execute import Execution, tasks_for
+import mmerge.backend
+from conformance.vectors import available, load
+from mmerge.engine.execute import Execution, chunk_bounds, job_for
 from mmerge.engine.output import OutputOptions, write_plan
 from mmerge.engine.plan import Source, build_plan
 from mmerge.io import open_checkpoint
+from mmerge.methods import contract
 from mmerge.testing import write_model_family
 
-CASES = [
-    ("ties", {"density": 0.3}),
-    ("ties", {"density": 0.5, "rescale": "l1", "election": "count"}),
-    ("dare_ties", {"density": 0.4, "seed": 11}),
-    ("dare_linear", {"density": 0.4, "seed": 11, "rescale": "inverse_density"}),
-    ("breadcrumbs", {"density": 0.6, "gamma": 0.05}),
-    ("breadcrumbs_ties", {"density": 0.6, "gamma": 0.05, "rescale": "l1"}),
+CASES = [(m, c["id"]) for m in available() for c in load(m)["cases"]]
+MODEL_SCOPE = [
+    ("ties", {"density": 0.2, "scope": "model"}),
+    ("ties", {"density": [0.3, 0.5], "scope": "model", "election": "sum"}),
+    ("breadcrumbs_ties", {"density": 0.4, "gamma": 0.05, "scope": "model"}),
+    ("ties", {"density": 0.4, "scope": "model", "rescale": "l1"}),
 ]
 
 
@@ -26,61 +29,83 @@ def bf16_family(tmp_path_factory):
     # bf16 values quantize the task vectors, so magnitudes tie at the trim threshold
     out = tmp_path_factory.mktemp("bf16")
     return write_model_family(
-        out, hidden=16, intermediate=40, layers=2, vocab=64, dtype="BF16", layout="file", seed=5
+        out,
+        hidden=16,
+        intermediate=40,
+        layers=2,
+        vocab=64,
+        dtype="BF16",
+        layout="file",
+        seed=5,
+        n_finetunes=3,
     )
 
 
-def load(path):
+def load_tensors(path, backend="numpy"):
+    on = mmerge.backend.get(backend)
     with open_checkpoint(path) as ckpt:
-        return {n: np.array(r.to_numpy()) for n, r in ckpt.items()}
+        return {n: on.from_host(np.array(r.to_numpy())) for n, r in ckpt.items()}
 
 
-@pytest.mark.parametrize(
-    ("method", "params"), CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)]
-)
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
-def test_chunked_merge_equals_whole_tensor_merge(method, params, backend, bf16_family, tmp_path):
-    if backend == "torch":
-        pytest.importorskip("torch")
-    fam = bf16_family
-    ckpts = [open_checkpoint(fam[k]) for k in ("ft1", "ft2", "base")]
-    sources = [Source(c, {}, label=k) for c, k in zip(ckpts[:2], ("ft1", "ft2"))]
+def merged_both_ways(family, method, n, with_base, params, backend, tmp_path):
+    """(engine result, merge_tensors result) as {name: float32 array}."""
+    names = [f"ft{i + 1}" for i in range(n)]
+    ckpts = [open_checkpoint(family[k]) for k in names]
+    base = open_checkpoint(family["base"]) if with_base else None
+    sources = [Source(c, {}, label=k) for c, k in zip(ckpts, names)]
     plan = build_plan(
         sources,
         method=method,
-        base=Source(ckpts[2], {}, "base"),
+        base=None if base is None else Source(base, {}, "base"),
         params=params,
         out_dtype="float32",
     )
     run = Execution(backend=backend, chunk_elements=96)
-    # the big tensors really take the prepared, chunked path
     embed = next(i for i in plan.items if i.name == "model.embed_tokens.weight")
-    assert len(tasks_for(embed, run.chunk_elements)) > 5
-    out = write_plan(plan, ckpts, OutputOptions(tmp_path / "out.safetensors"), run)
+    if not embed.is_copy:  # the big tensor really takes many chunks
+        assert len(chunk_bounds(embed.numel, job_for(embed, "float32").block, 96)) > 5
+    everything = ckpts + ([base] if base else [])
+    out = write_plan(plan, everything, OutputOptions(tmp_path / "out.safetensors"), run)
     want = mmerge.merge_tensors(
-        [load(fam["ft1"]), load(fam["ft2"])], method=method, base=load(fam["base"]), **params
+        [load_tensors(family[k], backend) for k in names],
+        method=method,
+        base=None if base is None else load_tensors(family["base"], backend),
+        **params,
     )
-    got = load(out)
+    for c in everything:
+        c.close()
+    return load_tensors(out), {k: mmerge.backend.to_host(v) for k, v in want.items()}
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(contract, "BLOCK", 32)  # exact sums over blocks of 32 entries
+
+
+@pytest.mark.parametrize(("method", "case_id"), CASES, ids=[f"{m}-{c}" for m, c in CASES])
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_chunked_merge_equals_whole_tensor_merge(
+    method, case_id, backend, bf16_family, tmp_path, small_blocks
+):
+    if backend == "torch":
+        pytest.importorskip("torch")
+    case = next(c for c in load(method)["cases"] if c["id"] == case_id)
+    got, want = merged_both_ways(
+        bf16_family,
+        method,
+        len(case["models"]),
+        case["base"] is not None,
+        case["params"],
+        backend,
+        tmp_path,
+    )
     for name, value in want.items():
-        np.testing.assert_array_equal(got[name], np.asarray(value), err_msg=name)
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
-@pytest.mark.parametrize("params", [{"t": 0.3}, {"t": 0.7, "magnitude": "norm_interp"}])
-def test_chunked_slerp_equals_whole_tensor_slerp(params, bf16_family, tmp_path, monkeypatch):
-    """slerp's norms and dot are summed over the same blocks in the same order either way."""
-    from mmerge.methods import _common
-
-    monkeypatch.setattr(_common, "SUM_BLOCK", 32)
-    monkeypatch.setattr("mmerge.engine.execute.SUM_BLOCK", 32)
-    fam = bf16_family
-    ckpts = [open_checkpoint(fam[k]) for k in ("ft1", "ft2")]
-    sources = [Source(c, {}, label=k) for c, k in zip(ckpts, ("ft1", "ft2"))]
-    plan = build_plan(sources, method="slerp", params=params, out_dtype="float32")
-    run = Execution(chunk_elements=96)
-    embed = next(i for i in plan.items if i.name == "model.embed_tokens.weight")
-    assert len(tasks_for(embed, run.chunk_elements)) > 5
-    out = write_plan(plan, ckpts, OutputOptions(tmp_path / "out.safetensors"), run)
-    want = mmerge.merge_tensors([load(fam["ft1"]), load(fam["ft2"])], method="slerp", **params)
-    got = load(out)
+@pytest.mark.parametrize(("method", "params"), MODEL_SCOPE)
+def test_chunked_model_scope_equals_in_memory(method, params, bf16_family, tmp_path, small_blocks):
+    """Passes over the whole model span every tensor, streamed or in memory alike."""
+    got, want = merged_both_ways(bf16_family, method, 2, True, params, "numpy", tmp_path)
     for name, value in want.items():
-        np.testing.assert_array_equal(got[name], np.asarray(value), err_msg=name)
+        np.testing.assert_array_equal(got[name], value, err_msg=name)

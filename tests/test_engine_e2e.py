@@ -180,22 +180,24 @@ def test_resume_after_a_crash_gives_an_identical_file(family_files, tmp_path, mo
     kw = dict(base=family_files["base"], method="ties", density=0.5)
     clean = mmerge.merge(inputs, tmp_path / "clean.safetensors", **kw).output
     out = tmp_path / "out.safetensors"
-    real, calls = execute_module._run_task, []
+    real, calls = execute_module.write_chunk, []
 
-    def crashing(task, writer, run):
-        calls.append(task.item.name)
+    def crashing(runner, item, *args):
+        calls.append(item.name)
         if len(calls) == 7:
             raise KeyboardInterrupt
-        real(task, writer, run)
+        real(runner, item, *args)
 
-    monkeypatch.setattr(execute_module, "_run_task", crashing)
+    monkeypatch.setattr(execute_module, "write_chunk", crashing)
     with pytest.raises(KeyboardInterrupt):
         mmerge.merge(inputs, out, **kw)
-    monkeypatch.setattr(execute_module, "_run_task", real)
+    monkeypatch.setattr(execute_module, "write_chunk", real)
     assert not out.exists()
     resumed = []
     monkeypatch.setattr(
-        execute_module, "_run_task", lambda t, w, r: (resumed.append(t.item.name), real(t, w, r))
+        execute_module,
+        "write_chunk",
+        lambda runner, item, *args: (resumed.append(item.name), real(runner, item, *args)),
     )
     mmerge.merge(inputs, out, resume=True, **kw)
     assert 0 < len(resumed) < len(load(clean))

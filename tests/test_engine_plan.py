@@ -4,8 +4,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from mmerge.engine.plan import Slice, Source, build_plan, build_slice_plan, dtype_code
+from mmerge.engine.plan import Slice, Source, build_plan, build_slice_plan
 from mmerge.errors import InvalidInput, PlanError
+from mmerge.io.dtypes import dtype_code
 
 
 @dataclass(frozen=True)

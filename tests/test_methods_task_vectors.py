@@ -2,19 +2,7 @@
 
 import numpy as np
 import pytest
-from references import (
-    BACKENDS,
-    assert_close,
-    grid,
-    ref_breadcrumbs,
-    ref_dare,
-    ref_della,
-    ref_magnitude,
-    ref_sce,
-    ref_task_merge,
-    to_backend,
-    to_numpy,
-)
+from helpers import BACKENDS, REF, assert_close, grid, to_backend, to_numpy
 
 import mmerge.methods as M
 
@@ -43,7 +31,7 @@ def test_task_arithmetic(be, normalize):
     models, base = family()
     w = [0.7, -0.4, 1.1]
     got = run(be, M.task_arithmetic, models, base, weight=w, normalize=normalize, **{"lambda": 0.8})
-    want = ref_task_merge(models, base, w, lambda i, d: d, None, normalize, 0.8)
+    want = REF.task_arithmetic(models, base, weight=w, normalize=normalize, **{"lambda": 0.8})
     assert_close(got, want)
 
 
@@ -53,9 +41,7 @@ def test_ties(be, election):
     models, base = family(step=2.0**-7)  # coarse grid: many magnitude ties
     w, dens = [1.0, 0.5, 0.8], [0.3, 0.5, 0.2]
     got = run(be, M.ties, models, base, weight=w, density=dens, election=election)
-    want = ref_task_merge(
-        models, base, w, lambda i, d: ref_magnitude(d, dens[i]), election, True, 1.0
-    )
+    want = REF.ties(models, base, weight=w, density=dens, election=election)
     assert_close(got, want)
 
 
@@ -66,15 +52,7 @@ def test_ties_with_rescale_and_lambda(be, rescale):
     got = run(
         be, M.ties, models, base, density=0.4, rescale=rescale, normalize=False, **{"lambda": 1.5}
     )
-    want = ref_task_merge(
-        models,
-        base,
-        [1.0] * 3,
-        lambda i, d: ref_magnitude(d, 0.4, rescale),
-        "weighted_sum",
-        False,
-        1.5,
-    )
+    want = REF.ties(models, base, density=0.4, rescale=rescale, normalize=False, **{"lambda": 1.5})
     assert_close(got, want)
 
 
@@ -94,8 +72,8 @@ def test_dare_linear(be, rescale):
         seed=9,
         tensor_name=NAME,
     )
-    want = ref_task_merge(
-        models, base, w, lambda i, d: ref_dare(d, 0.3, rescale, 9, NAME, i), None, False
+    want = REF.dare_linear(
+        models, base, weight=w, density=0.3, rescale=rescale, seed=9, tensor_name=NAME
     )
     assert_close(got, want)
 
@@ -108,14 +86,7 @@ def test_dare_ties(be, normalize):
     got = run(
         be, M.dare_ties, models, base, density=dens, normalize=normalize, seed=4, tensor_name=NAME
     )
-    want = ref_task_merge(
-        models,
-        base,
-        [1.0] * 3,
-        lambda i, d: ref_dare(d, dens[i], "l1", 4, NAME, i),
-        "weighted_sum",
-        normalize,
-    )
+    want = REF.dare_ties(models, base, density=dens, normalize=normalize, seed=4, tensor_name=NAME)
     assert_close(got, want)
 
 
@@ -124,9 +95,7 @@ def test_dare_ties(be, normalize):
 def test_breadcrumbs(be, gamma):
     models, base = family(4, step=2.0**-8)
     got = run(be, M.breadcrumbs, models, base, weight=[0.5, 0.3, 0.2], density=0.4, gamma=gamma)
-    want = ref_task_merge(
-        models, base, [0.5, 0.3, 0.2], lambda i, d: ref_breadcrumbs(d, 0.4, gamma), None, False
-    )
+    want = REF.breadcrumbs(models, base, weight=[0.5, 0.3, 0.2], density=0.4, gamma=gamma)
     assert_close(got, want)
 
 
@@ -134,9 +103,7 @@ def test_breadcrumbs(be, gamma):
 def test_breadcrumbs_ties_drops_fewer_outliers_when_density_needs_them(be):
     models, base = family(5)
     got = run(be, M.breadcrumbs_ties, models, base, density=0.9, gamma=0.3)
-    want = ref_task_merge(
-        models, base, [1.0] * 3, lambda i, d: ref_breadcrumbs(d, 0.9, 0.3), "weighted_sum", False
-    )
+    want = REF.breadcrumbs_ties(models, base, density=0.9, gamma=0.3)
     assert_close(got, want)
 
 
@@ -156,14 +123,15 @@ def test_della(be, rescale):
         tensor_name=NAME,
         **{"lambda": 0.9},
     )
-    want = ref_task_merge(
+    want = REF.della(
         models,
         base,
-        [1.0] * 3,
-        lambda i, d: ref_della(d, 0.5, 0.2, rescale, 3, NAME, i),
-        "weighted_sum",
-        True,
-        0.9,
+        density=0.5,
+        epsilon=0.2,
+        rescale=rescale,
+        seed=3,
+        tensor_name=NAME,
+        **{"lambda": 0.9},
     )
     assert_close(got, want)
 
@@ -183,14 +151,14 @@ def test_della_linear_ranks_along_axis_1(be, shape):
         seed=1,
         tensor_name=NAME,
     )
-    dens = [0.4, 0.6]
-    want = ref_task_merge(
+    want = REF.della_linear(
         models,
         base,
-        [0.3, 0.7],
-        lambda i, d: ref_della(d, dens[i], 0.1, "l1", 1, NAME, i),
-        None,
-        False,
+        weight=[0.3, 0.7],
+        density=[0.4, 0.6],
+        epsilon=0.1,
+        seed=1,
+        tensor_name=NAME,
     )
     assert_close(got, want)
 
@@ -200,7 +168,7 @@ def test_della_linear_ranks_along_axis_1(be, shape):
 def test_sce(be, select_topk):
     models, base = family(8, step=2.0**-7)
     got = run(be, M.sce, models, base, select_topk=select_topk)
-    assert_close(got, ref_sce(models, base, select_topk))
+    assert_close(got, REF.sce(models, base, select_topk=select_topk))
 
 
 def test_per_model_density_list_must_match_model_count():

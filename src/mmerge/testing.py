@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmerge.io import StreamingWriter, TensorSpec
+from mmerge.io import DTYPES, StreamingWriter, TensorSpec
 
 
 def llama_shapes(hidden: int, intermediate: int, layers: int, vocab: int) -> dict[str, tuple]:
@@ -72,7 +72,7 @@ def _config_files(hidden: int, intermediate: int, layers: int, vocab: int, dtype
         "rms_norm_eps": 1e-5,
         "hidden_act": "silu",
         "tie_word_embeddings": False,
-        "torch_dtype": {"BF16": "bfloat16", "F16": "float16"}.get(dtype, "float32"),
+        "torch_dtype": DTYPES[dtype].name,
     }
     tokenizer = {"tokenizer_class": "LlamaTokenizer", "model_max_length": 2048}
     generation = {"bos_token_id": 1, "eos_token_id": 2}

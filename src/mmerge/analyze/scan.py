@@ -22,14 +22,10 @@ from mmerge.analyze.verdicts import assess
 from mmerge.engine.allocator import keep_chunk_memory
 from mmerge.errors import InvalidInput, PlanError
 from mmerge.io import Checkpoint, open_checkpoint
+from mmerge.io.dtypes import FLOAT_CODES
 
 Progress = Callable[[int, int, str], None]
 SMALL = 1 << 25  # entries per checkpoint below which one process measures everything
-
-
-def _is_float(code: str) -> bool:
-    """Whether a safetensors dtype code is a floating-point one (F64 ... F8_E5M2, BF16)."""
-    return code.startswith(("F", "BF"))
 
 
 def labels_for(paths: Sequence[str | os.PathLike]) -> list[str]:
@@ -71,10 +67,10 @@ def tensor_names(checkpoints: Sequence[Mapping], labels: Sequence[str]) -> list[
                     f"tensor {name!r} has shape {list(ckpt[name].shape)} in {label} "
                     f"but {list(ref.shape)} in the base"
                 )
-    names = [n for n, ref in base.items() if _is_float(ref.dtype)]
+    names = [n for n, ref in base.items() if ref.dtype in FLOAT_CODES]
     for name in names:
         for ckpt, label in zip(checkpoints[1:], labels[1:], strict=True):
-            if not _is_float(ckpt[name].dtype):
+            if ckpt[name].dtype not in FLOAT_CODES:
                 raise PlanError(f"tensor {name!r} is {ckpt[name].dtype} in {label}, not a float")
     if not names:
         raise PlanError(f"{labels[0]} has no floating-point tensors to analyze")

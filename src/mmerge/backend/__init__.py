@@ -1,14 +1,18 @@
-"""Array namespaces, devices and dtypes: the one place that knows which library holds an array.
+"""Array libraries: the one place that knows which library holds an array.
 
-Methods call `namespace(*arrays)` and then use only standard array-API names on the result.
-The engine moves host (numpy) arrays onto a backend with `to_backend` and back with `to_host`.
+Methods call `namespace(*arrays)` and then use only standard array-API names on the result; for
+what the standard lacks (the bits of a float, counting, fast selection, random bits) they ask
+the array's backend object, `of(x)`. The engine asks `get(name, device)` for a backend object
+(one class per library, in `*_backend.py`) to move stored bytes onto the device and results back.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,7 +20,85 @@ from mmerge.errors import InvalidInput
 
 Array = Any  # an array of any supported library
 
-BACKENDS = ("numpy", "torch", "cupy", "mlx", "array_api_strict", "jax")
+if TYPE_CHECKING:
+    from mmerge.backend.base import Backend
+
+_CLASSES = {
+    "numpy": "numpy_backend.NumpyBackend",
+    "torch": "torch_backend.TorchBackend",
+    "cupy": "cupy_backend.CupyBackend",
+    "mlx": "mlx_backend.MlxBackend",
+    "array_api_strict": "strict_backend.StrictBackend",
+    "jax": "jax_backend.JaxBackend",
+}
+BACKENDS = tuple(_CLASSES)
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The backend class of library `name`; InvalidInput for an unknown name."""
+    if name not in _CLASSES:
+        raise InvalidInput(f"unknown backend {name!r} (one of: {', '.join(BACKENDS)})")
+    module, cls = _CLASSES[name].split(".")
+    return getattr(importlib.import_module(f"mmerge.backend.{module}"), cls)
+
+
+def available(name: str, device: str | None = None) -> tuple[bool, str]:
+    """Whether backend `name` can compute on `device` here: (True, '') or (False, the reason)."""
+    if name not in _CLASSES:
+        return False, f"unknown backend {name!r} (one of: {', '.join(BACKENDS)})"
+    return backend_class(name).available(device)
+
+
+def resolve(name: str = "numpy", device: str | None = None) -> tuple[str, str]:
+    """The (backend, device) to compute on; 'auto' picks a GPU when one is usable, else numpy."""
+    name = name.strip().lower().replace("-", "_")
+    if name == "auto":
+        gpu = device or "cuda"
+        if gpu.startswith("cuda"):
+            for candidate in ("torch", "cupy"):
+                if available(candidate, gpu)[0]:
+                    return candidate, gpu
+            device = None
+        name = "numpy"
+    device = device or (backend_class(name).default_device if name in _CLASSES else "cpu")
+    ok, reason = available(name, device)
+    if not ok:
+        raise InvalidInput(f"backend {name!r} on {device!r} is not usable: {reason}")
+    return name, device
+
+
+def get(name: str = "numpy", device: str | None = None) -> Backend:
+    """The backend object of library `name` on `device` (checked; one shared object each)."""
+    return _instance(*resolve(name, device))
+
+
+@functools.cache
+def _instance(name: str, device: str) -> Backend:
+    return backend_class(name)(device)
+
+
+def of(x: Array) -> Backend:
+    """The backend object of the library and device holding `x`."""
+    lib = library_name(x)
+    if lib == "torch":
+        device = x.device.type if x.device.index is None else f"{x.device.type}:{x.device.index}"
+    elif lib == "cupy":
+        device = f"cuda:{x.device.id}"
+    elif lib == "array_api_strict":
+        device = "cpu" if x.device._device == "CPU_DEVICE" else x.device._device
+    else:
+        device = None
+    return get(lib, device)
+
+
+def to_host(x: Array) -> np.ndarray:
+    """`x` (an array of any backend, or a numpy scalar) as a numpy array."""
+    if isinstance(x, (np.ndarray, np.generic)):
+        return np.asarray(x)
+    lib = library_name(x)
+    if lib not in _CLASSES:
+        raise InvalidInput(f"cannot move a {type(x).__module__}.{type(x).__name__} to the host")
+    return of(x).to_host(x)
 
 
 def is_mlx_array(x: object) -> bool:
@@ -34,7 +116,8 @@ def library_name(x: object) -> str:
     """The short name of the library holding `x` ('numpy', 'torch', 'mlx', ...)."""
     if is_mlx_array(x):
         return "mlx"
-    return type(x).__module__.split(".")[0]
+    module = type(x).__module__.split(".")[0]
+    return "jax" if module == "jaxlib" else module
 
 
 def namespace(*arrays: Array):
@@ -46,9 +129,9 @@ def namespace(*arrays: Array):
     if len(libs) > 1:
         raise InvalidInput(f"mixed array libraries: {', '.join(libs)}; pass arrays of one library")
     if libs == ["mlx"]:
-        from mmerge.backend import mlx
+        from mmerge.backend import mlx_namespace
 
-        return mlx.namespace()
+        return mlx_namespace.namespace()
     import array_api_compat
 
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,12 +70,47 @@ def merge(
     `params` are the method's global parameters (scalars, gradients or filter lists);
     `model_params` gives per-model ones (e.g. `[{"weight": 0.3}, {"weight": 0.7}]`).
     """
-    from mmerge.io import open_checkpoint
-
     if not inputs:
         raise InvalidInput("no input checkpoints given")
-    models = [open_checkpoint(p) for p in inputs]
-    base_ckpt = open_checkpoint(base) if base is not None else None
+    with contextlib.ExitStack() as opened:
+        return _merge_opened(
+            opened,
+            inputs,
+            output,
+            method=method,
+            base=base,
+            model_params=model_params,
+            run=_execution(backend, device, compute_dtype, on_progress),
+            out_dtype=out_dtype,
+            shard_size=shard_size,
+            resume=resume,
+            allow_mismatch=allow_mismatch,
+            dry_run=dry_run,
+            params=params,
+        )
+
+
+def _merge_opened(
+    opened: contextlib.ExitStack,
+    inputs,
+    output,
+    *,
+    method,
+    base,
+    model_params,
+    run,
+    out_dtype,
+    shard_size,
+    resume,
+    allow_mismatch,
+    dry_run,
+    params,
+) -> MergeResult:
+    """`merge`, with every checkpoint it opens closed by `opened` when it is done."""
+    from mmerge.io import open_checkpoint
+
+    models = [opened.enter_context(open_checkpoint(p)) for p in inputs]
+    base_ckpt = opened.enter_context(open_checkpoint(base)) if base is not None else None
     per_model = list(model_params or [{} for _ in models])
     if len(per_model) != len(models):
         raise InvalidInput(f"{len(per_model)} per-model parameter sets for {len(models)} models")
@@ -95,7 +131,7 @@ def merge(
         [*models, *([base_ckpt] if base_ckpt else [])],
         output,
         copy_files_from=folder if folder.is_dir() else None,
-        run=_execution(backend, device, compute_dtype, on_progress),
+        run=run,
         shard_size=shard_size,
         resume=resume,
         dry_run=dry_run,
@@ -104,7 +140,7 @@ def merge(
 
 
 def _execution(backend: str, device: str | None, compute_dtype: str, on_progress) -> Execution:
-    from mmerge.backend.transfer import resolve
+    from mmerge.backend import resolve
 
     if compute_dtype not in ("float32", "float64"):
         raise InvalidInput(f"compute dtype must be float32 or float64, got {compute_dtype!r}")
@@ -127,7 +163,7 @@ def execute_plan(
     out_dtype: str | None = None,
 ) -> MergeResult:
     """Write a validated plan (or only describe it, for a dry run)."""
-    peak = estimate_peak(plan)
+    peak = estimate_peak(plan, run)
     if dry_run:
         return MergeResult(None, plan, peak, plan.warnings)
     options = OutputOptions(
@@ -142,10 +178,10 @@ def execute_plan(
 
 
 def _torch_dtype_name(out_dtype: str | None) -> str | None:
-    from mmerge.engine.plan import dtype_code
+    from mmerge.io.dtypes import DTYPES, dtype_code
 
     code = dtype_code(out_dtype)
-    return {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}.get(code)
+    return None if code is None else DTYPES[code].name
 
 
 def merge_tensors(
@@ -158,8 +194,11 @@ def merge_tensors(
 ) -> dict[str, Any]:
     """Merge state dicts held in memory (name -> array of any supported library).
 
-    Same rules as `merge`: gradients and filters in `params`, per-model `model_params`.
+    Same rules as `merge`: gradients and filters in `params`, per-model `model_params`, and
+    passes over the whole model (`scope: model`) span every tensor.
     """
+    from mmerge.methods.contract import run_passes
+
     spec = get(method)
     spec.check_count(len(models), base is not None)
     per_model = list(model_params or [{} for _ in models])
@@ -168,18 +207,21 @@ def merge_tensors(
     ]
     reference = base if base is not None else models[0]
     n_layers = layer_count(reference)
-    out = {}
-    for name in reference:
+    names = list(reference)
+    calls = []
+    for name in names:
         for src in sources:
             if name not in src.checkpoint:
                 raise PlanError(f"tensor {name!r} is missing from {src.label}")
         values = _per_tensor_params(spec, params, sources, name, layer_index(name), n_layers)
-        out[name] = spec(
-            [s.checkpoint[name] for s in sources],
-            base=None if base is None else base[name],
-            tensor_name=name,
-            **values,
-        )
+        tensors = [s.checkpoint[name] for s in sources]
+        calls.append(spec.prepared(tensors, None if base is None else base[name], name, values))
+    out = {}
+    run_passes(
+        [job for job, _, _ in calls],
+        lambda i, p: p.measure(calls[i][0], calls[i][1]),
+        lambda i: out.__setitem__(names[i], calls[i][2](spec.apply(calls[i][0], calls[i][1]))),
+    )
     return out
 
 
@@ -199,15 +241,17 @@ def run_recipe(
     from mmerge.engine.recipe import load_recipe, plan_recipe
 
     data, root = load_recipe(recipe)
-    plan, checkpoints, copy_from, out_dtype = plan_recipe(data, root)
-    return execute_plan(
-        plan,
-        checkpoints,
-        output,
-        copy_files_from=copy_from,
-        run=_execution(backend, device, compute_dtype, on_progress),
-        shard_size=shard_size,
-        resume=resume,
-        dry_run=dry_run,
-        out_dtype=out_dtype,
-    )
+    run = _execution(backend, device, compute_dtype, on_progress)
+    with contextlib.ExitStack() as opened:
+        plan, checkpoints, copy_from, out_dtype = plan_recipe(data, root, opened)
+        return execute_plan(
+            plan,
+            checkpoints,
+            output,
+            copy_files_from=copy_from,
+            run=run,
+            shard_size=shard_size,
+            resume=resume,
+            dry_run=dry_run,
+            out_dtype=out_dtype,
+        )

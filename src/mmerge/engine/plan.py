@@ -13,35 +13,8 @@ from typing import Any
 from mmerge.engine import params as settings
 from mmerge.engine.layers import layer_count, layer_index, rename_layer
 from mmerge.errors import InvalidInput, PlanError
+from mmerge.io.dtypes import FLOAT_CODES, dtype_code
 from mmerge.methods.registry import MethodSpec, get
-
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-DTYPE_NAMES = {
-    "float32": "F32",
-    "fp32": "F32",
-    "float16": "F16",
-    "fp16": "F16",
-    "half": "F16",
-    "bfloat16": "BF16",
-    "bf16": "BF16",
-    "float64": "F64",
-    "fp64": "F64",
-}
-
-
-def dtype_code(name: str | None) -> str | None:
-    """A safetensors dtype code ('BF16') from a user's spelling ('bfloat16', 'bf16', 'BF16')."""
-    if name is None:
-        return None
-    key = name.strip()
-    if key.upper() in FLOAT_DTYPES:
-        return key.upper()
-    try:
-        return DTYPE_NAMES[key.lower()]
-    except KeyError:
-        raise InvalidInput(
-            f"unknown dtype {name!r} (use bfloat16, float16, float32 or float64)"
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -55,10 +28,11 @@ class Source:
 
 @dataclass(frozen=True)
 class PlanItem:
-    """One output tensor: computed by `method` from `sources` (and `base`), or copied."""
+    """One output tensor: computed by `method` from `sources` (and `base`), or, when `method`
+    is None, a copy of `sources[0]` (its bytes, or its values in another dtype)."""
 
     name: str
-    method: MethodSpec
+    method: MethodSpec | None
     sources: tuple  # TensorRef per model
     base: Any  # TensorRef or None
     params: dict[str, Any]
@@ -75,8 +49,8 @@ class PlanItem:
 
     @property
     def is_copy(self) -> bool:
-        """Bit-for-bit copy of one input tensor (passthrough, or a tensor others lack)."""
-        return self.method.name == "passthrough" and self.sources[0].dtype == self.out_dtype
+        """A copy of one input tensor rather than a merge."""
+        return self.method is None
 
     def inputs(self) -> list:
         return list(self.sources) + ([self.base] if self.base is not None else [])
@@ -210,14 +184,16 @@ def _plan_tensor(
             return None
         warnings.append(f"{problem}; copied from {reference.label}")
         return _copy_item(name, first, out_code, note="copied: " + problem)
-    if first.dtype not in FLOAT_DTYPES:
+    if first.dtype not in FLOAT_CODES:
         return _copy_item(name, first, None, note=f"{first.dtype} tensor copied, not merged")
     layer = layer_index(name)
     values = _per_tensor_params(spec, global_settings, sources, name, layer, n_layers)
     try:
-        spec.resolve(len(sources), values)
+        resolved = spec.resolve(len(sources), values)
     except InvalidInput as exc:
         raise InvalidInput(f"{exc} (tensor {name!r})") from None
+    if spec.copies is not None and spec.copies(resolved):
+        return _copy_item(name, sources[0].checkpoint[name], out_code, note=f"{spec.name}: copied")
     return PlanItem(
         name=name,
         method=spec,
@@ -232,7 +208,7 @@ def _plan_tensor(
 def _copy_item(name, ref, out_code, note):
     return PlanItem(
         name=name,
-        method=get("passthrough"),
+        method=None,
         sources=(ref,),
         base=None,
         params={},
@@ -278,7 +254,7 @@ def build_slice_plan(
     head_base = _slice_base(first_sources, base)
     head_models = [s for s in first_sources if s is not head_base]
     head = None
-    if spec.name != "passthrough" and head_models:
+    if not _copies(spec, global_settings) and head_models:
         head = build_plan(
             head_models, method=spec, base=head_base, params=params, out_dtype=out_dtype
         )
@@ -312,13 +288,13 @@ def build_slice_plan(
                 if len(shapes) > 1:
                     raise PlanError(f"tensor {out_name!r}: mismatched shapes {sorted(shapes)}")
                 ref0 = refs[id(srcs[0])]
-                if spec.name == "passthrough" or ref0.dtype not in FLOAT_DTYPES:
-                    plan.items.append(_copy_item(out_name, ref0, out_code, note="stacked"))
-                    continue
                 values = _per_tensor_params(
                     spec, global_settings, models, out_name, out_layer, n_out
                 )
-                spec.resolve(len(models), values)
+                resolved = spec.resolve(len(models), values)
+                if ref0.dtype not in FLOAT_CODES or (spec.copies and spec.copies(resolved)):
+                    plan.items.append(_copy_item(out_name, ref0, out_code, note="stacked"))
+                    continue
                 plan.items.append(
                     PlanItem(
                         name=out_name,
@@ -337,6 +313,16 @@ def build_slice_plan(
     plan.items.sort(key=lambda it: (layer_index(it.name) is not None, order.get(it.name, 0)))
     _move_tail(plan, ref_ckpt)
     return plan
+
+
+def _copies(spec: MethodSpec, global_settings: Mapping[str, Any]) -> bool:
+    """True when the method, with these settings for every tensor, copies its one input."""
+    if spec.copies is None:
+        return False
+    try:
+        return spec.copies(spec.resolve(1, dict(global_settings)))
+    except InvalidInput:
+        return False
 
 
 def _slice_base(sources: Sequence[Source], base: Source | None) -> Source | None:

@@ -7,6 +7,7 @@ tokenizer_source: base. Any other key is an error that names it, never silently 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -88,24 +89,25 @@ def _params(raw: Any, where: str, warnings: list[str]) -> dict[str, Any]:
 
 
 class RecipeModels:
-    """Opens each distinct checkpoint of a recipe once."""
+    """Opens each distinct checkpoint of a recipe once; `closer` closes them when it exits."""
 
-    def __init__(self, root: Path) -> None:
-        self.root, self.opened = root, {}
+    def __init__(self, root: Path, closer: contextlib.ExitStack) -> None:
+        self.root, self.opened, self.closer = root, {}, closer
 
     def get(self, value: Any):
         from mmerge.io import open_checkpoint
 
         path = _model_path(value, self.root).resolve()
         if path not in self.opened:
-            self.opened[path] = open_checkpoint(path)
+            self.opened[path] = self.closer.enter_context(open_checkpoint(path))
         return self.opened[path]
 
 
 def plan_recipe(
-    recipe: Mapping[str, Any], root: Path
+    recipe: Mapping[str, Any], root: Path, closer: contextlib.ExitStack
 ) -> tuple[Plan, list, Path | None, str | None]:
-    """(plan, opened checkpoints, folder to copy config/tokenizer from, output dtype name)."""
+    """(plan, opened checkpoints, folder to copy config/tokenizer from, output dtype name); the
+    checkpoints are closed when `closer` exits."""
     _unknown(recipe, TOP_KEYS, "recipe")
     warnings: list[str] = []
     method = recipe.get("merge_method")
@@ -114,7 +116,7 @@ def plan_recipe(
     tok = recipe.get("tokenizer_source")
     if tok not in (None, "base"):
         raise RecipeError(f"recipe: tokenizer_source {tok!r} is not supported (only 'base')")
-    opened = RecipeModels(root)
+    opened = RecipeModels(root, closer)
     base_ckpt = opened.get(recipe["base_model"]) if recipe.get("base_model") else None
     params = _params(recipe.get("parameters"), "recipe parameters", warnings)
     out_dtype = recipe.get("out_dtype") or recipe.get("dtype")

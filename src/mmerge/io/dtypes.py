@@ -1,4 +1,7 @@
-"""The safetensors dtype table: storage form on disk, value form in numpy, and float32 widening."""
+"""The project's one dtype table: each safetensors dtype's storage form on disk, its value form in
+numpy, its name in array libraries and configs, the spellings users type, and float32 widening.
+
+Plan, execute, the backends, analyze and the test helpers all read dtypes from here."""
 
 from __future__ import annotations
 
@@ -13,13 +16,22 @@ from mmerge.errors import InvalidInput
 @dataclass(frozen=True)
 class DType:
     """One safetensors dtype: `storage` is how raw bytes are viewed (little-endian), `value` is
-    the numpy dtype of its numbers (ml_dtypes types for BF16 and F8); `saturate` is the largest
-    magnitude a format without infinity clamps to when written."""
+    the numpy dtype of its numbers (ml_dtypes types for BF16 and F8); `name` is the dtype's name
+    in array libraries (torch.bfloat16, mx.float16, ...) and in a config's `torch_dtype`;
+    `spellings` are the other names a user may type; `saturate` is the largest magnitude a format
+    without infinity clamps to when written."""
 
     code: str
     storage: np.dtype
     value: np.dtype
+    name: str
+    spellings: tuple[str, ...] = ()
     saturate: float | None = None
+
+    @property
+    def is_float(self) -> bool:
+        """True for the floating-point dtypes, the ones merge methods compute on."""
+        return self.value.kind == "f" or self.code in _ML_FLOATS
 
     @property
     def itemsize(self) -> int:
@@ -31,32 +43,61 @@ class DType:
         return self.storage != self.value
 
 
+_ML_FLOATS = ("BF16", "F8_E4M3", "F8_E5M2")  # floats whose numpy type comes from ml_dtypes
+
+
 def _entry(
-    code: str, storage: str, value: object = None, saturate: float | None = None
+    code: str,
+    storage: str,
+    name: str,
+    spellings: tuple[str, ...] = (),
+    value: object = None,
+    saturate: float | None = None,
 ) -> tuple[str, DType]:
     s = np.dtype(storage)
-    return code, DType(code, s, np.dtype(value) if value is not None else s, saturate)
+    v = np.dtype(value) if value is not None else s
+    return code, DType(code, s, v, name, spellings, saturate)
 
 
 DTYPES: dict[str, DType] = dict(
     [
-        _entry("F64", "<f8"),
-        _entry("F32", "<f4"),
-        _entry("F16", "<f2"),
-        _entry("BF16", "<u2", ml_dtypes.bfloat16),
-        _entry("F8_E4M3", "u1", ml_dtypes.float8_e4m3fn, 448.0),
-        _entry("F8_E5M2", "u1", ml_dtypes.float8_e5m2),
-        _entry("I64", "<i8"),
-        _entry("I32", "<i4"),
-        _entry("I16", "<i2"),
-        _entry("I8", "i1"),
-        _entry("U64", "<u8"),
-        _entry("U32", "<u4"),
-        _entry("U16", "<u2"),
-        _entry("U8", "u1"),
-        _entry("BOOL", "?"),
+        _entry("F64", "<f8", "float64", ("fp64", "double")),
+        _entry("F32", "<f4", "float32", ("fp32", "float")),
+        _entry("F16", "<f2", "float16", ("fp16", "half")),
+        _entry("BF16", "<u2", "bfloat16", ("bf16",), ml_dtypes.bfloat16),
+        _entry("F8_E4M3", "u1", "float8_e4m3fn", (), ml_dtypes.float8_e4m3fn, 448.0),
+        _entry("F8_E5M2", "u1", "float8_e5m2", (), ml_dtypes.float8_e5m2),
+        _entry("I64", "<i8", "int64"),
+        _entry("I32", "<i4", "int32"),
+        _entry("I16", "<i2", "int16"),
+        _entry("I8", "i1", "int8"),
+        _entry("U64", "<u8", "uint64"),
+        _entry("U32", "<u4", "uint32"),
+        _entry("U16", "<u2", "uint16"),
+        _entry("U8", "u1", "uint8"),
+        _entry("BOOL", "?", "bool"),
     ]
 )
+FLOAT_CODES = tuple(code for code, dt in DTYPES.items() if dt.is_float)
+_BY_SPELLING = {
+    spelling: code
+    for code, dt in DTYPES.items()
+    if dt.is_float
+    for spelling in (code.lower(), dt.name, *dt.spellings)
+}
+
+
+def dtype_code(name: str | None) -> str | None:
+    """A float dtype's safetensors code ('BF16') from a user's spelling ('bfloat16', 'bf16',
+    'BF16'); None stays None. InvalidInput names spellings that are no float dtype."""
+    if name is None:
+        return None
+    try:
+        return _BY_SPELLING[name.strip().lower()]
+    except (KeyError, AttributeError):
+        raise InvalidInput(
+            f"unknown dtype {name!r} (use bfloat16, float16, float32 or float64)"
+        ) from None
 
 
 def dtype_info(code: str) -> DType:

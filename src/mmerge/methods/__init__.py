@@ -1,51 +1,23 @@
-# ruff: noqa: I001
 """Merge methods, each a `MethodSpec` callable: `ties(tensors, base=b, density=0.5)`.
 
-Importing this package registers every method; `get(name)` and `all_methods()` read the table.
+Importing this package imports every module in it, and each module registers its methods; so
+adding a method is adding a module (plus its section in spec/methods.md and its test vectors).
+`get(name)` and `all_methods()` read the table; every method is also an attribute here.
 """
 
-# The import order is the registration order, which `mmerge methods` lists.
-from mmerge.methods.registry import REGISTRY, MethodSpec, Param, all_methods, get, register
-from mmerge.methods.linear import linear
-from mmerge.methods.slerp import nuslerp, slerp
-from mmerge.methods.spherical import karcher, multislerp
-from mmerge.methods.task_arithmetic import (
-    task_arithmetic,
-    ties,
-    dare_linear,
-    dare_ties,
-    breadcrumbs,
-    breadcrumbs_ties,
-    della,
-    della_linear,
-)
-from mmerge.methods.model_stock import model_stock
-from mmerge.methods.sce import sce
-from mmerge.methods.nearswap import nearswap
-from mmerge.methods.passthrough import passthrough
+from __future__ import annotations
 
-__all__ = [
-    "REGISTRY",
-    "MethodSpec",
-    "Param",
-    "all_methods",
-    "get",
-    "register",
-    "linear",
-    "slerp",
-    "nuslerp",
-    "multislerp",
-    "karcher",
-    "task_arithmetic",
-    "ties",
-    "dare_linear",
-    "dare_ties",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-    "model_stock",
-    "sce",
-    "nearswap",
-    "passthrough",
-]
+import importlib
+import pkgutil
+
+from mmerge.methods.registry import REGISTRY, MethodSpec, Param, all_methods, get, register
+
+for _module in pkgutil.iter_modules(__path__):  # in name order; shared modules register nothing
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+globals().update({spec.name: spec for spec in REGISTRY.values()})
+
+__all__ = ["REGISTRY", "MethodSpec", "Param", "all_methods", "get", "register"] + sorted(
+    {spec.name for spec in REGISTRY.values()}
+)

@@ -1,12 +1,16 @@
-"""Small pieces the method bodies share: input checks, a fixed-order sum, lerp."""
+"""Small pieces the methods share: input checks, a fixed-order model sum, lerp, Gram matrices."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
+
+import numpy as np
 
 from mmerge import backend
 from mmerge.errors import InvalidInput
+from mmerge.methods.contract import Blocks, Chunk, Job, Pass, block_dots
 
 Array = Any
 
@@ -24,37 +28,48 @@ def require_finite(xp, method: str, tensors: Sequence[Array], base: Array | None
         raise InvalidInput(f"{method}: the base model has NaN or inf values")
 
 
-def finite_result(
-    xp, method: str, result: Array, tensors: Sequence[Array], base: Array | None
-) -> Array:
+def finite_chunk(job: Job, chunk: Chunk) -> None:
+    """`require_finite` on every input of a chunk (the first pass of a method checks it)."""
+    require_finite(chunk.xp, job.method.name, chunk.models, chunk.base)
+
+
+def checked_first(passes: Iterable[Pass]) -> Iterator[Pass]:
+    """`passes`, the first of them also checking that every chunk's inputs are finite (so the
+    apply after them need not)."""
+    for index, p in enumerate(passes):
+        if index == 0:
+            measure = p.measure
+
+            def checked(job: Job, chunk: Chunk, measure=measure) -> Any:
+                finite_chunk(job, chunk)
+                return measure(job, chunk)
+
+            p = dataclasses.replace(p, measure=checked)
+        yield p
+
+
+def finite_result(job: Job, chunk: Chunk, result: Array) -> Array:
     """`result`, after the same input check as `require_finite`, done cheaply after the fact.
 
     Only for methods where any non-finite input makes the result non-finite (linear, task
     arithmetic, nearswap, passthrough): the inputs are scanned only when the result is not
     finite, and a result that overflowed from finite inputs is returned as IEEE gives it.
     """
-    if not _all_finite(xp, result):
-        require_finite(xp, method, tensors, base)
+    if not _all_finite(chunk.xp, result):
+        finite_chunk(job, chunk)
     return result
 
 
-def no_base(method: str, base: Array | None) -> None:
-    """A clear error for a base model given to a method that does not use one."""
-    if base is not None:
-        raise InvalidInput(f"{method} does not use a base model; pass the models only")
+def endpoints(chunk: Chunk) -> tuple[Array, Array]:
+    """The (start, end) pair of two-endpoint methods: (a, b) for [a, b], or (base, b) for [b]."""
+    if chunk.base is None:
+        return chunk.models[0], chunk.models[1]
+    return chunk.base, chunk.models[0]
 
 
-def pair(method: str, tensors: Sequence[Array], base: Array | None) -> tuple[Array, Array]:
-    """The (start, end) pair of two-model methods: (a, b) for [a, b], or (base, b) for [b]."""
-    if base is None:
-        if len(tensors) != 2:
-            raise InvalidInput(f"{method} needs exactly two models, got {len(tensors)}")
-        return tensors[0], tensors[1]
-    if len(tensors) != 1:
-        raise InvalidInput(
-            f"{method} takes two models, or one model and a base; got {len(tensors)} and a base"
-        )
-    return base, tensors[0]
+def vectors(chunk: Chunk) -> list[Array]:
+    """What spherical averages work on: the models, or their task vectors with a base."""
+    return chunk.models if chunk.base is None else chunk.deltas
 
 
 def as_array(xp, value: float, like: Array) -> Array:
@@ -75,30 +90,6 @@ def lerp(a: Array, b: Array, t: float) -> Array:
     return (1.0 - t) * a + t * b
 
 
-def fixed_order_sum(xp, x: Array) -> float:
-    """Sum of all entries by pairwise halving in a fixed order: the same bits on every backend.
-
-    Library reductions add in different orders (and so round differently); this one uses only
-    elementwise additions, which IEEE 754 makes identical everywhere. Used where a sum feeds a
-    result that must be bit-identical across backends (the L1 rescale of DARE).
-    """
-    x = xp.reshape(x, (-1,))
-    n = x.shape[0]
-    if n == 0:
-        return 0.0
-    carry = None
-    while n > 1:
-        half = n // 2
-        if n % 2:
-            tail = x[2 * half :]
-            carry = tail if carry is None else carry + tail
-        x = x[:half] + x[half : 2 * half]
-        n = half
-    if carry is not None:
-        x = x + carry
-    return float(x[0])
-
-
 def model_sum(terms: Sequence[Array]) -> Array:
     """terms[0] + terms[1] + ... in list order (a fixed order, unlike a library reduction)."""
     total = terms[0]
@@ -107,17 +98,19 @@ def model_sum(terms: Sequence[Array]) -> Array:
     return total
 
 
-SUM_BLOCK = 1 << 16  # entries per block of `block_dots`; the engine's chunks are multiples
+def combination(xp, arrays: Sequence[Array], coefficients: Sequence[float]) -> Array:
+    """sum_i c_i * x_i in list order, with the coefficients computed in Python."""
+    return model_sum([x * float(c) for x, c in zip(arrays, coefficients)])
 
 
-def block_dots(xp, pairs: Sequence[tuple[Array, Array]]) -> tuple[float, ...]:
-    """sum(x * y) for each (x, y) pair of flat arrays, accumulated in float64 over blocks of
-    SUM_BLOCK entries in order, so a tensor summed whole or chunk by chunk (chunks made of whole
-    blocks, partial results added in order) gives the same float."""
-    totals = [0.0] * len(pairs)
-    n = pairs[0][0].shape[0] if pairs else 0
-    for s in range(0, n, SUM_BLOCK):
-        e = min(s + SUM_BLOCK, n)
-        for j, (x, y) in enumerate(pairs):
-            totals[j] += float(xp.vecdot(x[s:e], y[s:e]))
-    return tuple(totals)
+def gram_blocks(job: Job, chunk: Chunk, arrays: Sequence[Array]) -> Blocks:
+    """x_i . x_j for i <= j of the flat arrays, per block (the measure of a Gram pass)."""
+    pairs = [(arrays[i], arrays[j]) for i in range(len(arrays)) for j in range(i, len(arrays))]
+    return block_dots(chunk.xp, pairs, job.block)
+
+
+def gram_matrix(total: np.ndarray, k: int) -> np.ndarray:
+    """The symmetric k x k Gram matrix from the upper-triangle totals of `gram_blocks`."""
+    g = np.zeros((k, k))
+    g[np.triu_indices(k)] = total
+    return g + np.triu(g, 1).T

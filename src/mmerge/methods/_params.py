@@ -67,3 +67,13 @@ def rescale(default: str) -> Param:
         "probability), none",
         choices=("l1", "inverse_density", "none"),
     )
+
+
+SCOPE = Param(
+    "scope",
+    str,
+    "tensor",
+    "what the trim ranks: each tensor alone (mergekit), or each task vector over the whole "
+    "model (the TIES paper: keep |delta| >= the model's threshold, zero votes to the majority)",
+    choices=("tensor", "model"),
+)

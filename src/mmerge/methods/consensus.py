@@ -1,11 +1,20 @@
-"""Combining task vectors: a weighted sum, or TIES' sign election and disjoint mean."""
+"""Combining sparsified task vectors: a weighted sum, or TIES' sign election and disjoint mean.
+
+A `Consensus` is the second half of every task-vector method (`task_vectors.py`): its own
+parameters, any passes it needs (the whole model's majority sign, for `scope: model`), and the
+combination of one chunk's task vectors.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from mmerge.methods import _params as P
 from mmerge.methods._common import model_sum
+from mmerge.methods.contract import Chunk, Job, Pass
+from mmerge.methods.registry import Param
 
 Array = Any
 
@@ -23,12 +32,17 @@ def weighted_sum(
     return mixed
 
 
-def elect(votes: Sequence[Array], election: str, xp) -> Array:
-    """True where the elected sign is + : sign of the sum of `votes` (or of their signs for
-    `count`); an exact zero counts as +."""
+def votes(deltas: Sequence[Array], weights: Sequence[float], election: str) -> list[Array]:
+    """What each model votes with: its weighted task vector (`weighted_sum`, `count`, mergekit)
+    or its task vector alone (`sum`, the TIES paper)."""
+    return list(deltas) if election == "sum" else [d * w for d, w in zip(deltas, weights)]
+
+
+def mass(xp, ballots: Sequence[Array], election: str) -> Array:
+    """The summed vote per entry (of the signs, for `count`), in model order."""
     if election == "count":
-        return model_sum([xp.sign(v) for v in votes]) >= 0
-    return model_sum(votes) >= 0
+        return model_sum([xp.sign(v) for v in ballots])
+    return model_sum(ballots)
 
 
 def disjoint_merge(
@@ -38,25 +52,84 @@ def disjoint_merge(
     *,
     election: str,
     normalize: bool,
+    zero_positive: bool = True,
 ) -> Array:
     """TIES: elect a sign per entry, then sum the weighted entries that agree with it, divided
     by the sum of their weights when `normalize` (0 where no model agrees).
 
-    `weighted_sum` and `count` vote with the weighted deltas (mergekit); `sum` votes with the
-    unweighted ones (the paper). An entry agrees when its voting value has the elected sign, so
-    exact zeros (trimmed or dropped entries) never agree.
+    The elected sign is that of the summed vote, and `zero_positive` decides entries whose vote
+    sums to exactly 0 (+ by default; the whole model's majority sign for `scope: model`). An
+    entry agrees when its vote has the elected sign, so exact zeros (trimmed or dropped entries)
+    never agree.
     """
     weighted = [d * w for d, w in zip(deltas, weights)]
-    votes = deltas if election == "sum" else weighted
-    positive = elect(votes, election, xp)
+    ballots = deltas if election == "sum" else weighted
+    total = mass(xp, ballots, election)
+    positive = total >= 0 if zero_positive else total > 0
     negative = ~positive
     # boolean logic and products with 0/1 masks rather than where(): same values for finite
     # inputs, and many times faster on irregular masks
     agree = [
-        xp.astype((positive & (v > 0)) | (negative & (v < 0)), weighted[0].dtype) for v in votes
+        xp.astype((positive & (v > 0)) | (negative & (v < 0)), weighted[0].dtype) for v in ballots
     ]
     mixed = model_sum([m * wd for m, wd in zip(agree, weighted)])
     if normalize:
         divisor = model_sum([m * w for m, w in zip(agree, weights)])
         mixed = mixed / xp.where(divisor == 0, 1.0, divisor)
     return mixed
+
+
+Sparsified = Callable[[Job, Chunk], list[Array]]  # a chunk's task vectors after the drop
+
+
+@dataclass(frozen=True)
+class Consensus:
+    """How a task-vector method combines its sparsified task vectors."""
+
+    name: str
+    params: tuple[Param, ...]
+    combine: Callable[[Job, Chunk, list[Array]], Array]
+    passes: Callable[[Job, Sparsified], Iterator[Pass]] = lambda job, sparsified: iter(())
+
+
+def _sum(job: Job, chunk: Chunk, deltas: list[Array]) -> Array:
+    return weighted_sum(chunk.xp, deltas, job.params["weight"], normalize=job.params["normalize"])
+
+
+def _model_scope(job: Job) -> bool:
+    return job.params.get("scope") == "model"
+
+
+def _elect(job: Job, chunk: Chunk, deltas: list[Array]) -> Array:
+    zero_positive = job.stats["majority"] > 0 if _model_scope(job) else True
+    return disjoint_merge(
+        chunk.xp,
+        deltas,
+        job.params["weight"],
+        election=job.params["election"],
+        normalize=job.params["normalize"],
+        zero_positive=zero_positive,
+    )
+
+
+def _majority(job: Job, sparsified: Sparsified) -> Iterator[Pass]:
+    """With `scope: model`, entries whose vote sums to 0 take the whole model's majority sign
+    (the TIES paper): one pass counting entries with a positive minus a negative summed vote."""
+    if not _model_scope(job):
+        return
+
+    def measure(job: Job, chunk: Chunk) -> int:
+        xp, election = chunk.xp, job.params["election"]
+        total = mass(xp, votes(sparsified(job, chunk), job.params["weight"], election), election)
+        return int(xp.count_nonzero(total > 0)) - int(xp.count_nonzero(total < 0))
+
+    yield Pass("majority", measure, population=("majority", *population_key(job)))
+
+
+def population_key(job: Job) -> tuple:
+    """What tensors merged with `scope: model` share: the method and every parameter value."""
+    return (job.method.name, job.n_models, tuple(sorted(job.params.items())))
+
+
+SUM = Consensus("sum", (), _sum)
+ELECT = Consensus("elect", (P.ELECTION,), _elect, _majority)

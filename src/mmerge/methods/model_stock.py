@@ -1,19 +1,69 @@
-"""Model Stock: move from the base toward the models' average by a ratio set by their angle."""
+"""Model Stock: move from the base toward the models' average by a ratio set by their angle.
+
+Flattened, the ratio needs the Gram matrix of the task vectors: one pass. Filter-wise, each
+vector along the last axis has its own ratio, computed within the chunk (chunks hold whole rows).
+"""
 
 from __future__ import annotations
 
-from mmerge.methods._common import model_sum, require_finite
+import numpy as np
+
+from mmerge.methods._common import finite_chunk, gram_blocks, gram_matrix, model_sum
+from mmerge.methods.contract import Pass
 from mmerge.methods.registry import Param, register
 
 MIN_NORM_PRODUCT = 1e-6  # mergekit clamps |a||b| to this before dividing
 
 
-def _vectors(xp, x, filter_wise: bool):
-    """The vectors whose angles are measured: the flattened tensor, or (filter_wise) each
-    vector along the last axis, a 1-D tensor counting as one."""
-    if not filter_wise or x.ndim < 2:
-        return xp.reshape(x, (1, -1))
-    return x
+def _filter_wise(job) -> bool:
+    return job.params["filter_wise"] and len(job.shape) >= 2
+
+
+def _ratio(xp, cos, k: int):
+    """t = k cos / (1 + (k-1) cos), and 0 where the denominator is exactly 0 (cos = -1/(k-1):
+    no finite ratio; stay at the base)."""
+    denominator = 1.0 + (k - 1) * cos
+    degenerate = denominator == 0
+    return xp.where(degenerate, 0.0, k * cos / xp.where(degenerate, 1.0, denominator))
+
+
+def _mean_cosine(job, g: np.ndarray) -> float:
+    """The mean over pairs i < j of the clipped cosine of task vectors i and j."""
+    norms = np.sqrt(np.maximum(np.diag(g), 0.0))
+    k = job.n_models
+    cosines = [
+        min(1.0, max(-1.0, g[i, j] / max(norms[i] * norms[j], MIN_NORM_PRODUCT)))
+        for i in range(k)
+        for j in range(i + 1, k)
+    ]
+    return float(_ratio(np, np.float64(sum(cosines) / len(cosines)), k))
+
+
+def _passes(job):
+    if _filter_wise(job):
+        return []
+
+    def measure(job, chunk):
+        finite_chunk(job, chunk)
+        return gram_blocks(job, chunk, chunk.deltas)
+
+    def finish(job, blocks):
+        return _mean_cosine(job, gram_matrix(blocks.total(), job.n_models))
+
+    return [Pass("ratio", measure, finish)]
+
+
+def _row_ratio(xp, offsets, k: int):
+    """Per row (vectors along the last axis) of 2-D task vectors: the ratio t, shape (rows, 1)."""
+    norms = [xp.linalg.vector_norm(o, axis=-1, keepdims=True) for o in offsets]
+    cosines = []
+    for i in range(k):
+        for j in range(i + 1, k):
+            product = norms[i] * norms[j]
+            product = xp.where(product < MIN_NORM_PRODUCT, MIN_NORM_PRODUCT, product)
+            dot = xp.sum(offsets[i] * offsets[j], axis=-1, keepdims=True)
+            cosines.append(xp.clip(dot / product, -1.0, 1.0))
+    return _ratio(xp, model_sum(cosines) / len(cosines), k)
 
 
 @register(
@@ -21,27 +71,23 @@ def _vectors(xp, x, filter_wise: bool):
     "base + t * (mean of models - base), t = k cos / (1 + (k-1) cos), cos = mean pairwise "
     "cosine of the task vectors",
     params=(Param("filter_wise", bool, False, "one ratio per vector along the last axis"),),
-    needs_base=True,
+    passes=_passes,
+    granule=lambda job: job.shape[-1] if _filter_wise(job) else 1,
+    base="required",
     min_models=2,
     reference="Jang et al. 2024, Model Stock, arXiv:2403.19522",
+    symmetric=True,
+    self_merge={},
+    tolerance=2e-4,
 )
-def model_stock(xp, tensors, *, base, filter_wise):
-    require_finite(xp, "model_stock", tensors, base)
-    shape = base.shape
-    offsets = [_vectors(xp, x - base, filter_wise) for x in tensors]
-    norms = [xp.linalg.vector_norm(o, axis=-1, keepdims=True) for o in offsets]
-    cosines = []
-    for i in range(len(offsets)):
-        for j in range(i + 1, len(offsets)):
-            product = norms[i] * norms[j]
-            product = xp.where(product < MIN_NORM_PRODUCT, MIN_NORM_PRODUCT, product)
-            dot = xp.sum(offsets[i] * offsets[j], axis=-1, keepdims=True)
-            cosines.append(xp.clip(dot / product, -1.0, 1.0))
-    cos = model_sum(cosines) / len(cosines)
-    k = len(tensors)
-    denominator = 1.0 + (k - 1) * cos
-    degenerate = denominator == 0  # cos = -1/(k-1): no finite ratio; stay at the base
-    t = xp.where(degenerate, 0.0, k * cos / xp.where(degenerate, 1.0, denominator))
-    w0 = _vectors(xp, base, filter_wise)
-    average = model_sum([_vectors(xp, x, filter_wise) for x in tensors]) / k
-    return xp.reshape(t * average + (1.0 - t) * w0, shape)
+def model_stock(job, chunk):
+    xp, k = chunk.xp, job.n_models
+    average = model_sum(chunk.models) / k
+    if not _filter_wise(job):
+        t = job.stats["ratio"]
+        return t * average + (1.0 - t) * chunk.base
+    finite_chunk(job, chunk)
+    width = job.shape[-1]
+    t = _row_ratio(xp, [chunk.rows(d, width) for d in chunk.deltas], k)
+    mixed = t * chunk.rows(average, width) + (1.0 - t) * chunk.rows(chunk.base, width)
+    return xp.reshape(mixed, (-1,))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mmerge.methods._common import as_array, finite_result, pair
+from mmerge.methods._common import as_array, endpoints, finite_result
 from mmerge.methods.registry import Param, register
 
 
@@ -19,15 +19,18 @@ from mmerge.methods.registry import Param, register
             low_open=True,
         ),
     ),
-    min_models=1,
+    base="endpoint",
+    min_models=2,
     max_models=2,
-    elementwise=True,
     reference="alchemonaut, QuartetAnemoi-70B-t0.0001 (Hugging Face model card); mergekit",
+    exact=True,
+    self_merge={},
 )
-def nearswap(xp, tensors, *, base, t):
-    a, b = pair("nearswap", tensors, base)
+def nearswap(job, chunk):
+    xp = chunk.xp
+    a, b = endpoints(chunk)
     diff = xp.abs(a - b)
     close = diff > 0
-    ratio = as_array(xp, t, diff) / xp.where(close, diff, 1.0)  # array / array: IEEE division
+    ratio = as_array(xp, job.params["t"], diff) / xp.where(close, diff, 1.0)  # IEEE division
     w = xp.where(close, xp.clip(ratio, 0.0, 1.0), 1.0)
-    return finite_result(xp, "nearswap", w * b + (1.0 - w) * a, tensors, base)
+    return finite_result(job, chunk, w * b + (1.0 - w) * a)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mmerge.methods._common import finite_result, no_base
+from mmerge.methods._common import finite_result
 from mmerge.methods.registry import Param, register
 
 
@@ -12,10 +12,12 @@ from mmerge.methods.registry import Param, register
     params=(Param("scale", float, 1.0, "factor applied to the tensor"),),
     min_models=1,
     max_models=1,
-    elementwise=True,
+    copies=lambda params: params["scale"] == 1,
     reference="mergekit (Goddard et al. 2024, arXiv:2403.13257)",
+    exact=True,
+    self_merge={"scale": 1.0},
 )
-def passthrough(xp, tensors, *, base, scale):
-    no_base("passthrough", base)
-    out = tensors[0] if scale == 1 else tensors[0] * scale
-    return finite_result(xp, "passthrough", out, tensors, None)
+def passthrough(job, chunk):
+    scale = job.params["scale"]
+    x = chunk.models[0]
+    return finite_result(job, chunk, x if scale == 1 else x * scale)

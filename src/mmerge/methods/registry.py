@@ -1,21 +1,25 @@
 """The table of merge methods: names, parameters, bounds, and the checks every call shares.
 
-Each method body is pure math on compute-dtype arrays of one namespace. `MethodSpec.__call__`
-does the rest once for all of them: counts models, requires a base, checks shapes, libraries
-and devices, validates parameters against their declared bounds, widens 16-bit floats to
-float32, and rounds the result back to the inputs' dtype.
+Each method is its streaming form (`contract`: passes and an apply over chunks of compute-dtype
+arrays of one namespace). `MethodSpec.__call__` runs it on whole arrays: counts models, requires
+or refuses a base, checks shapes, libraries and devices, validates parameters against their
+declared bounds, widens 16-bit floats to float32, and rounds the result back to the inputs'
+dtype. The engine runs the same form chunk by chunk over checkpoints.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from mmerge import backend
 from mmerge.errors import InvalidInput, UnknownMethod
+from mmerge.methods.contract import Chunk, Job, run_whole
 
 Array = Any
 
@@ -85,27 +89,47 @@ class Param:
         return num
 
 
+BASES = ("none", "required", "optional", "endpoint")
+
+
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered merge method: the body plus everything needed to call it correctly."""
+    """A registered merge method: its streaming form (see `contract`) plus everything needed to
+    call it correctly and to test it.
+
+    `base`: "none" (refused), "required", "optional" (task vectors when given) or "endpoint"
+    (the base is the first of the models, slerp-style: `min_models`/`max_models` then count it).
+    The properties below are spec/methods.md's promises, which the conformance suite checks:
+    `symmetric` (model order does not matter), `exact` (bit-identical on every backend),
+    `self_merge` (with these parameters, merging copies of a model returns it; None: no such
+    promise), `tolerance` (float32 agreement across backends, relative to max|input|).
+    """
 
     name: str
-    body: Callable[..., Array]
+    apply: Callable[..., Array]
     description: str
     params: tuple[Param, ...] = ()
-    needs_base: bool = False
+    passes: Callable[..., Iterable[Any]] | None = None
+    granule: Callable[..., int] | None = None
+    base: str = "none"
     min_models: int = 1
     max_models: int | None = None
-    elementwise: bool = False  # output element i depends only on input elements i
     random: bool = False  # uses `seed` and the tensor name (DARE, DELLA)
+    copies: Callable[[dict[str, Any]], bool] | None = None  # True: the result is model 0's bytes
     reference: str = ""
     aliases: tuple[str, ...] = field(default=())
-    # prepare(xp, delta_i, i, **resolved) -> Survivors: model i's trim decided from its whole
-    # task vector, so the engine can merge a large tensor chunk by chunk (TIES, DARE, ...).
-    prepare: Callable[..., Any] | None = None
-    # sums(xp, tensors, base=..., **resolved) -> tuple of floats: the whole-tensor statistics a
-    # method needs, additive over chunks made of whole SUM_BLOCKs (slerp's norms and dot)
-    sums: Callable[..., tuple[float, ...]] | None = None
+    symmetric: bool = False
+    exact: bool = False
+    self_merge: dict[str, Any] | None = None
+    tolerance: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.base not in BASES:
+            raise ValueError(f"{self.name}: base must be one of {BASES}, got {self.base!r}")
+
+    @property
+    def needs_base(self) -> bool:
+        return self.base == "required"
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -143,16 +167,78 @@ class MethodSpec:
 
     def check_count(self, n_models: int, has_base: bool) -> None:
         """A clear error when the number of models or the presence of a base is wrong."""
-        if self.needs_base and not has_base:
+        if self.base == "required" and not has_base:
             raise InvalidInput(f"{self.name} needs a base model (--base)")
-        if n_models < self.min_models:
+        if self.base == "none" and has_base:
+            raise InvalidInput(f"{self.name} does not use a base model; pass the models only")
+        if self.base == "endpoint" and has_base and n_models + 1 > (self.max_models or n_models):
             raise InvalidInput(
-                f"{self.name} needs at least {self.min_models} model(s), got {n_models}"
+                f"{self.name} takes {self.max_models} models, or {self.max_models - 1} and a "
+                f"base; got {n_models} and a base"
             )
-        if self.max_models is not None and n_models > self.max_models:
+        count = n_models + (1 if has_base and self.base == "endpoint" else 0)
+        if count < self.min_models:
             raise InvalidInput(
-                f"{self.name} takes at most {self.max_models} model(s), got {n_models}"
+                f"{self.name} needs at least {self.min_models} model(s), got {count}"
             )
+        if self.max_models is not None and count > self.max_models:
+            raise InvalidInput(f"{self.name} takes at most {self.max_models} model(s), got {count}")
+
+    def job(
+        self,
+        shape: tuple[int, ...],
+        n_models: int,
+        has_base: bool,
+        params: dict[str, Any] | None = None,
+        tensor_name: str = "",
+    ) -> Job:
+        """The merge of one tensor of `shape`: counts and parameters checked, defaults filled."""
+        self.check_count(n_models, has_base)
+        resolved = self.resolve(n_models, params)
+        return Job(self, resolved, tuple(shape), n_models, has_base, tensor_name)
+
+    def prepared(
+        self,
+        tensors: Sequence[Array],
+        base: Array | None,
+        tensor_name: str,
+        params: dict[str, Any],
+    ) -> tuple[Job, Chunk, Callable[[Array], Array]]:
+        """A whole-array call as the contract runs it: the job, its single chunk (the inputs
+        flattened in the compute dtype), and what turns the apply's result into the answer
+        (shaped, in the inputs' dtype, library and device)."""
+        tensors = list(tensors)
+        shape = tuple(tensors[0].shape) if tensors else ()
+        job = self.job(shape, len(tensors), base is not None, params, tensor_name)
+        everything = tensors + ([base] if base is not None else [])
+        if any(backend.is_numpy_bfloat16(a) for a in everything):
+            # ml_dtypes bfloat16 numpy arrays: merge in float32, round back to bfloat16 once
+            if not all(backend.is_numpy_bfloat16(a) for a in everything):
+                raise InvalidInput(f"{self.name}: input tensors have different dtypes")
+            widen = backend.host_bfloat16_to_float32
+            job, chunk, finish = self.prepared(
+                [widen(a) for a in tensors],
+                None if base is None else widen(base),
+                tensor_name,
+                params,
+            )
+            return job, chunk, lambda r: backend.host_float32_to_bfloat16(np.asarray(finish(r)))
+        xp = backend.namespace(*everything)
+        backend.same_shapes(everything, f"{self.name}: input tensors")
+        out_dtype = tensors[0].dtype
+        if any(a.dtype != out_dtype for a in everything):
+            listed = ", ".join(str(a.dtype) for a in everything)
+            raise InvalidInput(f"{self.name}: input tensors have different dtypes: {listed}")
+        work = [backend.as_compute(xp, a) for a in everything]
+        job.compute = "float64" if work[0].dtype == xp.float64 else "float32"
+        flat = [xp.reshape(a, (-1,)) for a in work]
+        chunk = Chunk(xp, flat[: len(tensors)], flat[len(tensors)] if base is not None else None)
+
+        def finish(result: Array) -> Array:
+            result = xp.reshape(result, shape)
+            return result if result.dtype == out_dtype else xp.astype(result, out_dtype)
+
+        return job, chunk, finish
 
     def __call__(
         self,
@@ -160,63 +246,22 @@ class MethodSpec:
         *,
         base: Array | None = None,
         tensor_name: str = "",
-        prepared: list | None = None,
-        start: int = 0,
         **params: Any,
     ) -> Array:
-        """Merge `tensors` (one per model) into one array of the same library, device, dtype.
-
-        `prepared` (from `prepare`) and `start` let a chunk of a larger tensor be merged: the
-        inputs are its flat entries start .. start+n-1.
-        """
-        tensors = list(tensors)
-        self.check_count(len(tensors), base is not None)
-        resolved = self.resolve(len(tensors), params)
-        everything = tensors + ([base] if base is not None else [])
-        if any(backend.is_numpy_bfloat16(a) for a in everything):
-            return _via_float32_host(self, tensors, base, tensor_name, params)
-        xp = backend.namespace(*everything)
-        backend.same_shapes(everything, f"{self.name}: input tensors")
-        out_dtype = tensors[0].dtype
-        if any(a.dtype != out_dtype for a in everything):
-            listed = ", ".join(str(a.dtype) for a in everything)
-            raise InvalidInput(f"{self.name}: input tensors have different dtypes: {listed}")
-        work = [backend.as_compute(xp, a) for a in tensors]
-        work_base = None if base is None else backend.as_compute(xp, base)
-        if self.random:
-            resolved["tensor_name"] = tensor_name
-        if prepared is not None:
-            resolved.update(prepared=prepared, start=start)
-        result = self.body(xp, work, base=work_base, **resolved)
-        return result if result.dtype == out_dtype else xp.astype(result, out_dtype)
-
-
-def _via_float32_host(spec, tensors, base, tensor_name, params):
-    """ml_dtypes bfloat16 numpy arrays: merge in float32, round back to bfloat16 once."""
-    import numpy as np
-
-    widen = backend.host_bfloat16_to_float32
-    if not all(
-        backend.is_numpy_bfloat16(a) for a in tensors + ([base] if base is not None else [])
-    ):
-        raise InvalidInput(f"{spec.name}: input tensors have different dtypes")
-    merged = spec(
-        [widen(a) for a in tensors],
-        base=None if base is None else widen(base),
-        tensor_name=tensor_name,
-        **params,
-    )
-    return backend.host_float32_to_bfloat16(np.asarray(merged))
+        """Merge `tensors` (one per model) into one array of the same library, device, dtype."""
+        job, chunk, finish = self.prepared(tensors, base, tensor_name, params)
+        return finish(run_whole(job, chunk))
 
 
 REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register(name: str, description: str, **info: Any) -> Callable[[Callable], MethodSpec]:
-    """Decorator: add a method body to the registry under `name`; returns the MethodSpec."""
+    """Decorator on a method's `apply(job, chunk)`: add the method to the registry under `name`
+    (with its passes, parameters and properties in `info`); returns the MethodSpec."""
 
-    def add(body: Callable) -> MethodSpec:
-        spec = MethodSpec(name=name, body=body, description=description, **info)
+    def add(apply: Callable) -> MethodSpec:
+        spec = MethodSpec(name=name, apply=apply, description=description, **info)
         for key in (name, *spec.aliases):
             if key in REGISTRY:
                 raise RuntimeError(f"method {key!r} registered twice")

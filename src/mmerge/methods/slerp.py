@@ -1,12 +1,19 @@
-"""Spherical interpolation of two models: SLERP on the flattened tensor, and NuSLERP
-(weights instead of t, optional base, optionally per row)."""
+"""Spherical interpolation of two models: SLERP on the flattened tensor, and NuSLERP (weights
+instead of t, optional base, optionally per row or per column).
+
+Both need the norms and the dot product of the two vectors: for a whole flattened tensor they
+come from one pass (block sums), after which every chunk is `c0 * a + c1 * b`."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from mmerge.methods._common import block_dots, lerp, pair, require_finite
+import numpy as np
+
+from mmerge import backend
+from mmerge.methods._common import endpoints, finite_chunk, lerp, vectors
+from mmerge.methods.contract import Blocks, Pass, block_dots
 from mmerge.methods.registry import Param, register
 
 Array = Any
@@ -22,31 +29,33 @@ def slerp_coefficients(cos: float, t: float) -> tuple[float, float]:
     return math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
 
 
-def _slerp_sums(xp, tensors, *, base, **_):
-    """|a|^2, |b|^2 and a.b: all slerp needs from the whole tensors (additive over chunks)."""
-    a, b = pair("slerp", tensors, base)
-    fa, fb = xp.reshape(a, (-1,)), xp.reshape(b, (-1,))
-    return block_dots(xp, [(fa, fa), (fb, fb), (fa, fb)])
+def _pair_sums(pair):
+    """A pass measuring |a|^2, |b|^2 and a.b of the flattened pair `pair(chunk)`."""
+
+    def measure(job, chunk) -> Blocks:
+        finite_chunk(job, chunk)
+        a, b = pair(chunk)
+        return block_dots(chunk.xp, [(a, a), (b, b), (a, b)], job.block)
+
+    return Pass("norms", measure, lambda job, blocks: tuple(map(float, blocks.total())))
 
 
-def slerp(xp, tensors, *, base, t, dot_threshold, magnitude, prepared=None, start=0):
-    require_finite(xp, "slerp", tensors, base)
-    a, b = pair("slerp", tensors, base)
-    aa, bb, ab = prepared if prepared is not None else _slerp_sums(xp, tensors, base=base)
+def _slerp_passes(job):
+    yield _pair_sums(endpoints)
+
+
+def _arc(aa: float, bb: float, ab: float, t: float, dot_threshold: float = 1.0):
+    """(c0, c1) of the arc from a to b, or None where slerp falls back to lerp."""
     na, nb = math.sqrt(aa), math.sqrt(bb)
     if na <= ZERO_NORM or nb <= ZERO_NORM:
-        return lerp(a, b, t)
+        return None
     cos = ab / (na * nb)
     if abs(cos) > dot_threshold or math.sqrt(max(0.0, 1.0 - cos * cos)) < MIN_SIN:
-        return lerp(a, b, t)
-    c0, c1 = slerp_coefficients(cos, t)
-    if magnitude == "shoemake":
-        return c0 * a + c1 * b
-    norm = (1.0 - t) * na + t * nb
-    return (c0 * norm / na) * a + (c1 * norm / nb) * b
+        return None
+    return slerp_coefficients(cos, t)
 
 
-slerp = register(
+@register(
     "slerp",
     "spherical interpolation of two models (t=0: the first model, or the base if given)",
     params=(
@@ -76,18 +85,100 @@ slerp = register(
             choices=("shoemake", "norm_interp"),
         ),
     ),
-    min_models=1,
+    passes=_slerp_passes,
+    base="endpoint",
+    min_models=2,
     max_models=2,
-    sums=_slerp_sums,
     reference="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH); mergekit",
-)(slerp)
+    self_merge={},
+    tolerance=2e-4,
+)
+def slerp(job, chunk):
+    a, b = endpoints(chunk)
+    t = job.params["t"]
+    aa, bb, ab = job.stats["norms"]
+    arc = _arc(aa, bb, ab, t, job.params["dot_threshold"])
+    if arc is None:
+        return lerp(a, b, t)
+    c0, c1 = arc
+    if job.params["magnitude"] == "shoemake":
+        return c0 * a + c1 * b
+    na, nb = math.sqrt(aa), math.sqrt(bb)
+    norm = (1.0 - t) * na + t * nb
+    return (c0 * norm / na) * a + (c1 * norm / nb) * b
 
 
-def _to_last(xp, x: Array, axis: int) -> Array:
-    """Swap `axis` and the last axis (its own inverse)."""
-    order = list(range(x.ndim))
-    order[axis], order[-1] = order[-1], order[axis]
-    return xp.permute_dims(x, tuple(order))
+# -- NuSLERP -----------------------------------------------------------------------------------
+
+
+def _nuslerp_t(weight: tuple[float, float]) -> float:
+    total = weight[0] + weight[1]
+    return 0.5 if abs(total) < 1e-6 else weight[1] / total
+
+
+def _layout(job) -> str:
+    """flat (the whole tensor), rows (vectors along the last axis) or columns (the first)."""
+    if job.params["nuslerp_flatten"] or len(job.shape) <= 1:
+        return "flat"
+    return "columns" if job.params["nuslerp_row_wise"] else "rows"
+
+
+def _columns(job) -> int:
+    """Entries per slice along the first axis: the number of vectors in `columns` layout."""
+    return math.prod(job.shape[1:])
+
+
+def _nuslerp_granule(job) -> int:
+    layout = _layout(job)
+    if layout == "rows":
+        return job.shape[-1]
+    return _columns(job) if layout == "columns" else 1
+
+
+def _column_sums(job, chunk) -> Blocks:
+    """Per block of whole first-axis slices: column sums of v0^2, v1^2 and v0.v1."""
+    finite_chunk(job, chunk)
+    xp = chunk.xp
+    v0, v1 = vectors(chunk)
+    width = _columns(job)
+    per_block = job.block // width
+    parts = []
+    for x, y in ((v0, v0), (v1, v1), (v0, v1)):
+        rows = chunk.rows(x * y, width)
+        n = rows.shape[0]
+        whole = n - n % per_block
+        sums = []
+        if whole:
+            grouped = xp.reshape(rows[:whole, :], (-1, per_block, width))
+            sums.append(np.asarray(backend.to_host(xp.sum(grouped, axis=1)), np.float64))
+        if whole < n:
+            tail = xp.sum(rows[whole:, :], axis=0)
+            sums.append(np.asarray(backend.to_host(tail), np.float64).reshape(1, width))
+        parts.append(np.concatenate(sums))
+    return Blocks(np.stack(parts, axis=1))
+
+
+def _nuslerp_passes(job):
+    layout = _layout(job)
+    if layout == "flat":
+        yield _pair_sums(lambda chunk: tuple(vectors(chunk)))
+    elif layout == "columns":
+        yield Pass("norms", _column_sums, lambda job, blocks: blocks.total())
+
+
+def _column_coefficients(sums: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+    """(c0, c1) per column from the (3, columns) sums; lerp coefficients where degenerate."""
+    aa, bb, ab = sums
+    na, nb = np.sqrt(aa), np.sqrt(bb)
+    zero = (na <= ZERO_NORM) | (nb <= ZERO_NORM)
+    cos = np.clip(ab / np.where(zero, 1.0, na * nb), -1.0, 1.0)
+    theta = np.arccos(cos)
+    sin = np.sin(theta)
+    flat = zero | (np.abs(sin) < MIN_SIN)
+    safe = np.where(flat, 1.0, sin)
+    c0 = np.where(flat, 1.0 - t, np.sin((1.0 - t) * theta) / safe)
+    c1 = np.where(flat, t, np.sin(t * theta) / safe)
+    return c0, c1
 
 
 def slerp_rows(xp, v0: Array, v1: Array, t: float) -> Array:
@@ -119,20 +210,33 @@ def slerp_rows(xp, v0: Array, v1: Array, t: float) -> Array:
             "when not flattened: vectors along the first axis instead of the last",
         ),
     ),
+    passes=_nuslerp_passes,
+    granule=_nuslerp_granule,
+    base="optional",
     min_models=2,
     max_models=2,
     reference="mergekit NuSLERP (Goddard et al. 2024, arXiv:2403.13257)",
+    symmetric=True,
+    self_merge={},
+    tolerance=2e-4,
 )
-def nuslerp(xp, tensors, *, base, weight, nuslerp_flatten, nuslerp_row_wise):
-    require_finite(xp, "nuslerp", tensors, base)
-    total = weight[0] + weight[1]
-    t = 0.5 if abs(total) < 1e-6 else weight[1] / total
-    v0, v1 = tensors if base is None else (tensors[0] - base, tensors[1] - base)
-    shape = v0.shape
-    if nuslerp_flatten or v0.ndim <= 1:
-        out = xp.reshape(slerp_rows(xp, xp.reshape(v0, (1, -1)), xp.reshape(v1, (1, -1)), t), shape)
-    elif nuslerp_row_wise:
-        out = _to_last(xp, slerp_rows(xp, _to_last(xp, v0, 0), _to_last(xp, v1, 0), t), 0)
+def nuslerp(job, chunk):
+    xp = chunk.xp
+    t = _nuslerp_t(job.params["weight"])
+    v0, v1 = vectors(chunk)
+    layout = _layout(job)
+    if layout == "flat":
+        arc = _arc(*job.stats["norms"], t)
+        out = lerp(v0, v1, t) if arc is None else arc[0] * v0 + arc[1] * v1
+    elif layout == "rows":
+        finite_chunk(job, chunk)
+        width = job.shape[-1]
+        out = xp.reshape(slerp_rows(xp, chunk.rows(v0, width), chunk.rows(v1, width), t), (-1,))
     else:
-        out = slerp_rows(xp, v0, v1, t)
-    return out if base is None else base + out
+        width = _columns(job)
+        c0, c1 = _column_coefficients(job.stats["norms"], t)
+        on = backend.of(v0)
+        c0 = on.from_host(c0.astype(job.compute))
+        c1 = on.from_host(c1.astype(job.compute))
+        out = xp.reshape(c0 * chunk.rows(v0, width) + c1 * chunk.rows(v1, width), (-1,))
+    return out if chunk.base is None else chunk.base + out

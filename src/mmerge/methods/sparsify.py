@@ -1,172 +1,244 @@
-"""Task-vector sparsification: magnitude trim (TIES), random drop (DARE), outlier band
-(breadcrumbs), rank-adaptive drop (DELLA), and the rescaling of what survives."""
+"""Task-vector sparsifiers: magnitude trim (TIES), outlier band (breadcrumbs), random drop (DARE),
+rank-adaptive drop (DELLA). A `Sparsifier` is the first half of every task-vector method
+(`task_vectors.py`): its own parameters, the passes that find what it needs from whole tensors
+(the exact trim thresholds), and which entries of one chunk of model i's task vector survive.
+Rescaling the survivors is shared by all of them and lives with the composition.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from mmerge import backend
-from mmerge.backend import rng, topk
+from mmerge.backend import rng
 from mmerge.errors import InvalidInput
-from mmerge.methods._common import fixed_order_sum
+from mmerge.methods import _params as P
+from mmerge.methods.consensus import population_key
+from mmerge.methods.contract import Chunk, Job, Pass
+from mmerge.methods.registry import Param
+from mmerge.methods.select import Selection
 
 Array = Any
 
-L1_EPS = 1e-7  # mergekit skips the L1 rescale when either sum is below this
-
-
-def _size(x: Array) -> int:
-    return math.prod(x.shape)
-
-
-def rescaled(xp, delta: Array, kept: Array, rescale: str, keep_prob: float | Array) -> Array:
-    """Survivors `kept` of `delta` rescaled: l1 (sum|kept| matched to sum|delta|),
-    inverse_density (divided by their keep probability), or none."""
-    if rescale == "none":
-        return kept
-    if rescale == "inverse_density":
-        # a float p multiplies by its reciprocal: see _common.reciprocal_note
-        scaled = kept * (1.0 / keep_prob) if isinstance(keep_prob, float) else kept / keep_prob
-        return xp.where(kept == 0, kept, scaled)  # 1/p may overflow: 0 * inf would be NaN
-    factor = l1_factor(xp, delta, kept)
-    return kept if factor is None else kept * factor
-
-
-def l1_factor(xp, delta: Array, kept: Array) -> float | None:
-    """sum|delta| / sum|kept| (fixed-order sums), or None when either is below L1_EPS."""
-    before = fixed_order_sum(xp, xp.abs(delta))
-    after = fixed_order_sum(xp, xp.abs(kept))
-    if before < L1_EPS or after < L1_EPS:
-        return None
-    return before / after
+Keep = Callable[[Job, Chunk, int, Array], Array]  # (job, chunk, model, task vector) -> mask
+Probability = Callable[[Job, Chunk, int, Array], "float | Array"]
 
 
 @dataclass(frozen=True)
-class Survivors:
-    """Which entries of one task vector survive a trim or drop, decided from the whole flat
-    vector, and the factor they are multiplied by (None: unchanged). `mask(chunk, start)`
-    gives the keep mask of flat entries start .. start+len(chunk)-1, so a large tensor can be
-    merged chunk by chunk with the same bits as in one piece."""
+class Sparsifier:
+    """How a task-vector method drops entries: `params` follow the weights, `tail` comes last;
+    `keep` gives the mask of model i's surviving entries in a chunk (only called for models
+    with density < 1), `probability` their keep probability (for `inverse_density`)."""
 
-    mask: Callable[[Array, int], Array] | None  # None: everything survives
-    factor: float | None = None
-
-
-def survivors_of(
-    xp, delta: Array, mask: Callable[[Array, int], Array], rescale: str, density: float
-) -> Survivors:
-    """Survivors of the flat `delta` under `mask`, with the rescale factor `rescale` asks for."""
-    if rescale == "none":
-        return Survivors(mask)
-    if rescale == "inverse_density":
-        return Survivors(mask, 1.0 / density)
-    return Survivors(mask, l1_factor(xp, delta, xp.where(mask(delta, 0), delta, 0.0)))
+    name: str
+    params: tuple[Param, ...]
+    tail: tuple[Param, ...]
+    rescale_default: str
+    keep: Keep
+    probability: Probability
+    passes: Callable[[Job], Iterator[Pass]] = lambda job: iter(())
+    granule: Callable[[Job], int] | None = None
+    random: bool = False
 
 
-def apply_survivors(xp, delta: Array, survivors: Survivors, start: int = 0) -> Array:
-    """`delta` (any shape; flat entries from `start`) with dropped entries zeroed, rescaled."""
-    if survivors.mask is None:
-        return delta
-    flat = xp.reshape(delta, (-1,))
-    # a product with the 0/1 mask, not where(): the same values for finite inputs (a dropped
-    # entry may be -0), and many times faster where the mask is irregular
-    kept = xp.reshape(flat * xp.astype(survivors.mask(flat, start), flat.dtype), delta.shape)
-    if survivors.factor is None:
-        return kept
-    if math.isfinite(survivors.factor):
-        return kept * survivors.factor
-    return xp.where(kept == 0, kept, kept * survivors.factor)  # 0 * inf would be NaN
+def dropping(job: Job) -> list[int]:
+    """The models whose task vectors lose entries (density < 1)."""
+    return [i for i, d in enumerate(job.params["density"]) if d < 1]
 
 
-def magnitude(xp, delta: Array, density: float, rescale: str) -> Survivors:
-    """TIES trim: keep the k = max(1, int(density*n)) largest |delta| (lower index wins ties)."""
+def top_count(density: float, n: int) -> int:
+    """How many of n entries a top-`density` trim keeps: max(1, int(density * n)), as mergekit."""
     if density >= 1:
-        return Survivors(None)
-    flat = xp.reshape(delta, (-1,))
-    rule = topk.top_rule(xp, flat, topk.top_count(density, _size(flat)))
-    return survivors_of(
-        xp, flat, lambda x, start: topk.rule_mask(xp, x, rule, start), rescale, density
+        return n
+    return min(n, max(1, int(density * n)))
+
+
+def _model_scope(job: Job) -> bool:
+    return job.params.get("scope") == "model"
+
+
+def _magnitudes(job: Job, chunk: Chunk) -> list[Array]:
+    return [chunk.xp.abs(d) for d in chunk.deltas]
+
+
+def _population(job: Job):
+    return ("trim", *population_key(job)) if _model_scope(job) else None
+
+
+# -- magnitude (TIES) ----------------------------------------------------------------------------
+
+
+def _magnitude_counts(job: Job, sizes: list[int], nonzero: list[int]) -> list[tuple[int, ...]]:
+    """k per model: max(1, int(density n)) for one tensor (mergekit, ties cut by flat index);
+    for the whole model, the TIES reference code's count int(density n) + 1 (ties kept)."""
+    out = []
+    for d, n in zip(job.params["density"], sizes):
+        if d >= 1:
+            out.append((n,))
+        elif _model_scope(job):
+            out.append((int(d * n) + 1,))
+        else:
+            out.append((top_count(d, n),))
+    return out
+
+
+def _selection(job: Job, counts) -> Selection:
+    return Selection(
+        "trim",
+        _magnitudes,
+        counts,
+        ties="all" if _model_scope(job) else "index",
+        population=_population,
     )
 
 
-def outlier_band(xp, delta: Array, density: float, gamma: float, rescale: str) -> Survivors:
-    """Breadcrumbs: drop the int(gamma*n) largest |delta|, keep the next int(density*n)."""
-    if density >= 1:
-        return Survivors(None)
-    flat = xp.reshape(delta, (-1,))
-    n = _size(flat)
+def _magnitude_passes(job: Job) -> Iterator[Pass]:
+    if dropping(job):
+        yield from _selection(job, _magnitude_counts).passes(job)
+
+
+def _magnitude_keep(job: Job, chunk: Chunk, i: int, delta: Array) -> Array:
+    return _selection(job, _magnitude_counts).mask(job, chunk, chunk.xp.abs(delta), i)
+
+
+MAGNITUDE = Sparsifier(
+    "magnitude",
+    (P.density(),),
+    (P.SCOPE,),
+    "none",
+    _magnitude_keep,
+    lambda job, chunk, i, delta: job.params["density"][i],
+    _magnitude_passes,
+)
+
+
+# -- band (breadcrumbs) --------------------------------------------------------------------------
+
+
+def band_sizes(density: float, gamma: float, n: int) -> tuple[int, int]:
+    """(outliers dropped, entries kept): int(gamma n) largest dropped, reduced so that the next
+    int(density n) fit; those are kept."""
     keep = int(density * n)
-    top = int(gamma * n)
-    top = min(top, n - keep)  # too many outliers for the density: drop fewer of them
-    return survivors_of(xp, flat, topk.band_rule(xp, flat, top, keep), rescale, density)
+    return min(int(gamma * n), n - keep), keep
 
 
-def random_drop(
-    xp, delta: Array, density: float, rescale: str, *, seed: int, name: str, stream: int
-) -> Survivors:
-    """DARE: keep each entry with probability `density` by the counter-based mask of backend.rng."""
-    if density >= 1:
-        return Survivors(None)
-    flat = xp.reshape(delta, (-1,))
-    threshold = rng.keep_threshold(density)
-    device = backend.device_of(delta)
-
-    def mask(x: Array, start: int) -> Array:
-        return rng.keep_mask(
-            xp, _size(x), threshold, seed=seed, name=name, stream=stream, start=start, device=device
-        )
-
-    return survivors_of(xp, flat, mask, rescale, density)
+def _band_counts(job: Job, sizes: list[int], nonzero: list[int]) -> list[tuple[int, ...]]:
+    """Per model: (skip + keep, skip), the two selections whose difference is the band."""
+    out = []
+    for d, g, n in zip(job.params["density"], job.params["gamma"], sizes):
+        skip, keep = band_sizes(d, g, n) if d < 1 else (0, n)
+        out.append((skip + keep, skip))
+    return out
 
 
-def check_della(method: str, density: tuple[float, ...], epsilon: tuple[float, ...]) -> None:
+def _band_passes(job: Job) -> Iterator[Pass]:
+    if dropping(job):
+        yield from _selection(job, _band_counts).passes(job)
+
+
+def _band_keep(job: Job, chunk: Chunk, i: int, delta: Array) -> Array:
+    selection = _selection(job, _band_counts)
+    magnitude = chunk.xp.abs(delta)
+    inner = selection.mask(job, chunk, magnitude, i, 0)
+    if selection.cuts(job)[i][1].keep_none:
+        return inner
+    return inner & ~selection.mask(job, chunk, magnitude, i, 1)
+
+
+BAND = Sparsifier(
+    "band",
+    (P.density(), P.GAMMA),
+    (P.SCOPE,),
+    "none",
+    _band_keep,
+    lambda job, chunk, i, delta: job.params["density"][i],
+    _band_passes,
+)
+
+
+# -- random drop (DARE) --------------------------------------------------------------------------
+
+
+def _keys(job: Job, i: int) -> tuple[int, int]:
+    return rng.stream_keys(job.params["seed"], job.tensor_name, i)
+
+
+def _random_keep(job: Job, chunk: Chunk, i: int, delta: Array) -> Array:
+    cut = rng.keep_threshold(job.params["density"][i])
+    return backend.of(delta).keep_mask(chunk.size, cut, _keys(job, i), chunk.start)
+
+
+RANDOM = Sparsifier(
+    "random",
+    (P.density(),),
+    (P.SEED,),
+    "l1",
+    _random_keep,
+    lambda job, chunk, i, delta: job.params["density"][i],
+    random=True,
+)
+
+
+# -- rank-adaptive drop (DELLA) -------------------------------------------------------------------
+
+
+def _check_della(job: Job) -> Iterator[Pass]:
     """DELLA's keep probabilities density +/- epsilon must lie in (0, 1] for every model."""
-    for i, (d, e) in enumerate(zip(density, epsilon)):
+    for i, (d, e) in enumerate(zip(job.params["density"], job.params["epsilon"])):
         if d < 1 and not (d - e > 0 and d + e <= 1):
             raise InvalidInput(
-                f"{method}: model {i} needs density - epsilon > 0 and density + epsilon <= 1, "
-                f"got density {d:g}, epsilon {e:g}"
+                f"{job.method.name}: model {i} needs density - epsilon > 0 and density + "
+                f"epsilon <= 1, got density {d:g}, epsilon {e:g}"
             )
+    yield from ()
 
 
-def _rows(x: Array) -> tuple[int, ...]:
-    """The shape DELLA ranks in: along axis 1, a 1-D tensor as one row (mergekit's rule)."""
-    if x.ndim >= 2:
-        return tuple(x.shape)
-    return (1, _size(x))
+def _della_granule(job: Job) -> int:
+    """Ranks run along axis 1 (mergekit's rule): chunks hold whole slices along axis 0; a
+    tensor of rank <= 1 is one row."""
+    return math.prod(job.shape[1:]) if len(job.shape) >= 2 else job.numel
 
 
-def della_drop(
-    xp,
-    delta: Array,
-    density: float,
-    epsilon: float,
-    rescale: str,
-    *,
-    seed: int,
-    name: str,
-    stream: int,
-) -> Array:
-    """DELLA: keep each entry with probability (density-eps) + 2*eps*rank/(n-1), where rank is
-    its ascending |delta| rank along axis 1 (lower index ranks lower among equals)."""
-    if density >= 1:
-        return delta
-    shape = _rows(delta)
-    n = shape[1]
-    device = backend.device_of(delta)
-    if n == 1:
-        prob: float | Array = density
-        cut: int | Array = rng.keep_threshold(density)
+def _della_probability(job: Job, chunk: Chunk, i: int, delta: Array) -> float | Array:
+    """(density - eps) + 2 eps rank / (n - 1), rank the ascending |delta| rank along axis 1
+    (lower index first among equals); density itself for rows of one entry."""
+    xp = chunk.xp
+    density, epsilon = job.params["density"][i], job.params["epsilon"][i]
+    if len(job.shape) >= 2:
+        lines = (-1, job.shape[1], _della_granule(job) // job.shape[1])
     else:
-        a = xp.abs(xp.reshape(delta, shape))
-        rank = xp.argsort(xp.argsort(a, axis=1, stable=True), axis=1, stable=True)
-        rank = xp.astype(rank, delta.dtype) / (n - 1)
-        prob = xp.clip((density - epsilon) + (rank * 2.0) * epsilon, 0.0, 1.0)
-        cut = xp.reshape(xp.astype(xp.floor(prob * float(1 << rng.BITS)), xp.int64), (-1,))
-        prob = xp.reshape(prob, delta.shape)
-    flat = rng.keep_mask(xp, _size(delta), cut, seed=seed, name=name, stream=stream, device=device)
-    kept = xp.where(xp.reshape(flat, delta.shape), delta, 0.0)
-    return rescaled(xp, delta, kept, rescale, prob)
+        lines = (1, chunk.size, 1)
+    n = lines[1]
+    if n == 1:
+        return density
+    a = xp.abs(xp.reshape(delta, lines))
+    rank = xp.argsort(xp.argsort(a, axis=1, stable=True), axis=1, stable=True)
+    rank = xp.astype(rank, delta.dtype) / (n - 1)
+    prob = xp.clip((density - epsilon) + (rank * 2.0) * epsilon, 0.0, 1.0)
+    return xp.reshape(prob, (-1,))
+
+
+def _della_keep(job: Job, chunk: Chunk, i: int, delta: Array) -> Array:
+    xp = chunk.xp
+    prob = _della_probability(job, chunk, i, delta)
+    if isinstance(prob, float):
+        cut: int | Array = rng.keep_threshold(prob)
+    else:
+        cut = xp.astype(xp.floor(prob * float(1 << rng.BITS)), xp.int64)
+    return backend.of(delta).keep_mask(chunk.size, cut, _keys(job, i), chunk.start)
+
+
+RANK = Sparsifier(
+    "rank",
+    (P.density(), P.EPSILON),
+    (P.SEED,),
+    "l1",
+    _della_keep,
+    _della_probability,
+    _check_della,
+    _della_granule,
+    random=True,
+)

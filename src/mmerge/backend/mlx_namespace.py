@@ -659,7 +659,7 @@ class MLXNamespace(types.ModuleType):
 @functools.cache
 def namespace() -> MLXNamespace:
     """The array-API namespace for MLX arrays (one shared, cached object)."""
-    xp = MLXNamespace("mmerge.backend.mlx.xp", __doc__)
+    xp = MLXNamespace("mmerge.backend.mlx_namespace.xp", __doc__)
     for name in _SAME_AS_MLX:
         setattr(xp, name, getattr(mx, name))
     for name, fn in _ADAPTED.items():

@@ -1,0 +1,153 @@
+"""The backend object: everything the engine and the methods need from one array library on one
+device, with portable array-API defaults that each library's subclass replaces by its fast path.
+
+- `from_stored(raw, dtype)`: stored bytes (BF16, F16, F8 bits as read from a checkpoint) to a
+  compute-dtype array on the device, widened there; `from_host` / `to_host` move numpy arrays.
+- `float_bits`, `bincount`: the integer view of floats and counting, for exact selections.
+- `keep_mask`: the counter-based random bits of `backend.rng`.
+- `chunk_elements`: how many entries per input a chunk should hold on this device.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import threading
+from typing import Any, ClassVar
+
+import numpy as np
+
+from mmerge.backend import rng
+from mmerge.errors import InvalidInput
+from mmerge.io.dtypes import DType, widen_to_float32
+
+Array = Any
+
+
+class Backend:
+    """One array library on one device. Subclasses set the class attributes and replace the
+    portable methods where the library has something faster or more direct."""
+
+    name: ClassVar[str]
+    module: ClassVar[str]  # what to import
+    install: ClassVar[str] = ""  # how to install it, for the error message
+    default_device: ClassVar[str] = "cpu"
+    chunk_elements: int = 1 << 19  # 2 MiB of float32 per input: stays in the CPU's cache
+
+    def __init__(self, device: str | None = None) -> None:
+        self.device = device or self.default_device
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.device!r})"
+
+    # -- availability ---------------------------------------------------------------------------
+
+    @classmethod
+    def library(cls):
+        """The library's module, or None when it is not installed or fails to import."""
+        try:
+            return importlib.import_module(cls.module)
+        except Exception:  # a broken install (missing CUDA libraries, ...) counts as unavailable
+            return None
+
+    @classmethod
+    def available(cls, device: str | None = None) -> tuple[bool, str]:
+        """Whether this library can compute on `device` here: (True, '') or (False, why not)."""
+        lib = cls.library()
+        if lib is None:
+            return False, f"{cls.name} is not installed (install it with: {cls.install})"
+        reason = cls.device_problem(lib, device or cls.default_device)
+        return (not reason), reason
+
+    @classmethod
+    def device_problem(cls, lib, device: str) -> str:
+        """Why `device` cannot be used ('' when it can)."""
+        return "" if device == "cpu" else f"{cls.name} computes only on cpu"
+
+    # -- moving arrays --------------------------------------------------------------------------
+
+    @functools.cached_property
+    def xp(self):
+        """The array-API namespace of this library's arrays."""
+        from mmerge.backend import namespace
+
+        return namespace(self.from_host(np.zeros(1, np.float32)))
+
+    def from_host(self, host: np.ndarray) -> Array:
+        """`host` as an array of this library on the device, dtype kept where it exists."""
+        raise NotImplementedError
+
+    def to_host(self, x: Array) -> np.ndarray:
+        """`x` as a numpy array; bfloat16 comes back as ml_dtypes bfloat16."""
+        return np.asarray(x)
+
+    def from_stored(
+        self, raw: np.ndarray, dtype: DType, compute: str = "float32", slot: int = 0
+    ) -> Array:
+        """Stored elements `raw` (a flat array in `dtype.storage`, as `TensorRef.raw` gives)
+        as a flat `compute`-dtype array on the device, using this thread's buffer `slot` (one
+        per input of a chunk). Portable form: widen on the host."""
+        return self.from_host(self.widen(raw, dtype, compute, slot))
+
+    def widen(self, raw: np.ndarray, dtype: DType, compute: str, slot: int) -> np.ndarray:
+        """`raw` widened on the host into this thread's reusable buffer number `slot`."""
+        out = self.staging(slot, raw.size, np.dtype(compute))
+        if compute == "float32":
+            return widen_to_float32(raw, dtype, out)
+        values = raw.view(dtype.value) if dtype.needs_widening else raw
+        np.copyto(out, values, casting="unsafe")
+        return out
+
+    def staging(self, slot: int, n: int, dtype: np.dtype) -> np.ndarray:
+        """A host buffer of `n` elements owned by this thread, reused from chunk to chunk (the
+        engine's memory then stays flat, and no page is faulted in twice)."""
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffers = self._local.buffers = {}
+        buf = buffers.get((slot, dtype))
+        if buf is None or buf.size < n:
+            buf = buffers[(slot, dtype)] = self.new_staging(max(n, self.chunk_elements), dtype)
+        return buf[:n]
+
+    def new_staging(self, n: int, dtype: np.dtype) -> np.ndarray:
+        """A fresh host buffer for `staging` (pinned memory where the device wants it)."""
+        return np.empty(n, dtype)
+
+    # -- selection and counting -----------------------------------------------------------------
+
+    def float_bits(self, x: Array) -> Array:
+        """The bit patterns of float32/float64 `x` as int32/int64: for non-negative floats they
+        order exactly as the values do. Portable form: through the host."""
+        host = self.to_host(x)
+        return self.from_host(host.view(np.int32 if host.itemsize == 4 else np.int64))
+
+    def bincount(self, x: Array, length: int, where: Array | None = None) -> np.ndarray:
+        """Counts (int64, on the host) of each value 0 .. length-1 in the integer array `x`
+        (only where `where` is True, when given)."""
+        values = np.asarray(self.to_host(x), np.int64).reshape(-1)
+        if where is not None:
+            values = values[np.asarray(self.to_host(where)).reshape(-1)]
+        return np.bincount(values, minlength=length)
+
+    def kth_largest(self, a: Array, k: int) -> float:
+        """The k-th largest value (1 <= k <= n) of the flat array `a`."""
+        xp = self.xp
+        return float(xp.sort(a)[a.shape[0] - k])
+
+    # -- random bits ----------------------------------------------------------------------------
+
+    def keep_mask(self, n: int, threshold, keys: tuple[int, int], start: int = 0) -> Array:
+        """The boolean keep mask of flat indices start .. start+n-1 (see `backend.rng`)."""
+        return rng.keep_mask(self.xp, n, threshold, keys, start, self.array_device())
+
+    def array_device(self):
+        """The device argument this library's array constructors take (None: none)."""
+        return None
+
+
+def check_host(host: Any) -> np.ndarray:
+    """`host` itself when it is a numpy array; a clear error otherwise."""
+    if not isinstance(host, np.ndarray):
+        raise InvalidInput(f"expected a numpy array, got {type(host).__name__}")
+    return host

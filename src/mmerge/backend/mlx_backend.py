@@ -1,0 +1,63 @@
+"""MLX (Apple silicon, unified memory; also its CPU build on Linux). Stored BF16 and F16 bits
+become MLX arrays of that type and widen there; the array-API namespace is `mlx_namespace`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmerge.backend.base import Array, Backend, check_host
+from mmerge.io.dtypes import DType
+
+
+class MlxBackend(Backend):
+    name = "mlx"
+    module = "mlx.core"
+    install = 'pip install "mmerge[mlx]"'
+    chunk_elements = 1 << 21
+
+    @classmethod
+    def device_problem(cls, mx, device: str) -> str:
+        if device == "cpu":
+            return ""
+        if device == "gpu":
+            return "" if mx.is_available(mx.gpu) else "no MLX GPU available"
+        return f"unknown device {device!r} (use cpu or gpu)"
+
+    def from_host(self, host: np.ndarray) -> Array:
+        import mlx.core as mx
+
+        host = check_host(host)
+        if host.dtype.name == "bfloat16":
+            bits = np.ascontiguousarray(host).view(np.uint16).reshape(host.shape)
+            return mx.array(bits).view(mx.bfloat16)
+        from mmerge.backend import mlx_namespace
+
+        return mlx_namespace.asarray(host)
+
+    def to_host(self, x: Array) -> np.ndarray:
+        import mlx.core as mx
+
+        if x.dtype == mx.bfloat16:
+            import ml_dtypes
+
+            return np.array(x.view(mx.uint16)).view(ml_dtypes.bfloat16)
+        return np.array(x)
+
+    def from_stored(self, raw: np.ndarray, dtype: DType, compute="float32", slot=0) -> Array:
+        import mlx.core as mx
+
+        if dtype.code not in ("BF16", "F16"):
+            return self.from_host(self.widen(raw, dtype, compute, slot))
+        bits = mx.array(raw.view(np.uint16))
+        return bits.view(getattr(mx, dtype.name)).astype(getattr(mx, compute))
+
+    def float_bits(self, x: Array) -> Array:
+        import mlx.core as mx
+
+        return x.view(mx.int32 if x.dtype.size == 4 else mx.int64)
+
+    def kth_largest(self, a: Array, k: int) -> float:
+        import mlx.core as mx
+
+        n = a.shape[0]
+        return float(mx.partition(a, n - k)[n - k])

@@ -1,0 +1,145 @@
+"""PyTorch on the CPU, a CUDA GPU or Apple's MPS. Stored bytes travel as they are (BF16, F16 and
+F8 bits, half the bytes of float32 or less) through a reused staging buffer, pinned for CUDA, and
+widen on the device."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from mmerge.backend.base import Array, Backend, check_host
+from mmerge.io.dtypes import DType
+
+_SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def cuda_index(device: str) -> int | None:
+    """The device index of 'cuda' / 'cuda:N' (0 for plain 'cuda'); None for other names."""
+    if device == "cuda":
+        return 0
+    head, _, index = device.partition(":")
+    return int(index) if head == "cuda" and index.isdigit() else None
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    module = "torch"
+    install = 'pip install "mmerge[torch]"'
+
+    def __init__(self, device: str | None = None) -> None:
+        super().__init__(device)
+        self.on_gpu = self.device != "cpu"
+        if cuda_index(self.device) is not None:
+            self.chunk_elements = 1 << 24  # 64 MiB of float32 per input: long transfers, few calls
+
+    @classmethod
+    def device_problem(cls, torch, device: str) -> str:
+        if device == "cpu":
+            return ""
+        if device == "mps":
+            return "" if torch.backends.mps.is_available() else "no Apple GPU (mps) available"
+        index = cuda_index(device)
+        if index is None:
+            return f"unknown device {device!r} (use cpu, cuda, cuda:N or mps)"
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return "" if index < count else f"no CUDA device {device!r} (found {count})"
+
+    def _torch_dtype(self, name: str):
+        import torch
+
+        return getattr(torch, name)
+
+    def _as_tensor(self, host: np.ndarray):
+        """A CPU tensor sharing `host`'s memory; ml_dtypes types become their torch dtype."""
+        import torch
+
+        with warnings.catch_warnings():
+            # memory-mapped checkpoints are read-only; methods never write into their inputs
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            if host.dtype.kind == "V" or host.dtype.name.startswith(("bfloat16", "float8")):
+                bits = np.ascontiguousarray(host).view(_SIGNED[host.itemsize]).reshape(host.shape)
+                return torch.from_numpy(bits).view(self._torch_dtype(host.dtype.name))
+            return torch.from_numpy(host)
+
+    def from_host(self, host: np.ndarray) -> Array:
+        t = self._as_tensor(check_host(host))
+        return t.to(self.device) if self.on_gpu else t
+
+    def to_host(self, x: Array) -> np.ndarray:
+        import torch
+
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return x.numpy()
+
+    def from_stored(self, raw: np.ndarray, dtype: DType, compute="float32", slot=0) -> Array:
+        if not dtype.is_float:
+            return self.from_host(self.widen(raw, dtype, compute, slot))
+        bits = raw.view(_SIGNED[raw.itemsize]) if dtype.needs_widening else raw
+        if self.on_gpu:
+            pinned = cuda_index(self.device) is not None
+            staged = self.staging(slot, bits.size, bits.dtype)
+            self._wait_for_copy(slot)
+            np.copyto(staged, bits)
+            moved = self._as_tensor(staged).to(self.device, non_blocking=pinned)
+            self._record_copy(slot)
+        else:
+            moved = self._as_tensor(bits)
+        if dtype.needs_widening:
+            moved = moved.view(self._torch_dtype(dtype.name))
+        return moved.to(self._torch_dtype(compute))
+
+    def new_staging(self, n: int, dtype: np.dtype) -> np.ndarray:
+        if cuda_index(self.device) is None:
+            return np.empty(n, dtype)
+        import torch
+
+        pinned = torch.empty(n * dtype.itemsize, dtype=torch.uint8, pin_memory=True)
+        return pinned.numpy().view(dtype)
+
+    def _events(self) -> dict:
+        events = getattr(self._local, "events", None)
+        if events is None:
+            events = self._local.events = {}
+        return events
+
+    def _wait_for_copy(self, slot: int) -> None:
+        """Block until the last transfer out of staging buffer `slot` has finished."""
+        event = self._events().get(slot)
+        if event is not None:
+            event.synchronize()
+
+    def _record_copy(self, slot: int) -> None:
+        if cuda_index(self.device) is None:
+            return
+        import torch
+
+        event = torch.cuda.Event()
+        event.record()
+        self._events()[slot] = event
+
+    def float_bits(self, x: Array) -> Array:
+        import torch
+
+        return x.view(torch.int32 if x.element_size() == 4 else torch.int64)
+
+    def bincount(self, x: Array, length: int, where: Array | None = None) -> np.ndarray:
+        import torch
+
+        values = x.reshape(-1) if where is None else x.reshape(-1)[where.reshape(-1)]
+        counts = torch.bincount(values.to(torch.int64), minlength=length)
+        return counts.cpu().numpy().astype(np.int64, copy=False)
+
+    def kth_largest(self, a: Array, k: int) -> float:
+        import torch
+
+        if a.device.type == "cpu":
+            return float(torch.kthvalue(a, a.shape[0] - k + 1).values)
+        return float(torch.topk(a, k, sorted=False).values.min())
+
+    def array_device(self):
+        return self.device

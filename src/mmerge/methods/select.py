@@ -1,0 +1,238 @@
+"""Exact selection of the largest entries of a non-negative statistic (|task vector|, variance),
+found in streamed passes with a few megabytes, however large the tensor or the model.
+
+The bit patterns of non-negative floats order exactly as their values do, so the k-th largest
+value is found 16 bits at a time: one pass counts the top 16 bits of every entry (65536 bins),
+the next counts the following 16 bits among the entries in the bin found so far, and so on (two
+passes in float32, four in float64). Then `ties="all"` keeps every entry >= that value (the TIES
+paper's rule), while `ties="index"` keeps exactly k, the entries equal to it taken in flat index
+order; when some of them are left out, one more pass counts them per block to find where the cut
+falls. Statistics are per *stream* (one per model for TIES, one for SCE's variance), and each
+stream may ask for several k at once (breadcrumbs' band is two selections on one histogram).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mmerge import backend
+from mmerge.methods.contract import Chunk, Job, Pass
+
+Array = Any
+
+WIDTH = 16  # bits resolved per pass
+BINS = 1 << WIDTH
+TIES = ("index", "all")
+
+
+@dataclass
+class Cut:
+    """One selection of the k largest of a stream's n entries, as the passes narrow it down:
+    the threshold's bits known so far (`prefix`), how many entries lie above them (`above`),
+    and the rank (1-based) of the k-th largest among the entries sharing them (`rank`). Once
+    found, `equal` entries equal the threshold, `rank` of which are kept; with the index rule
+    and `rank < equal`, those in blocks before `tie_block` are kept, the first `tie_keep` in
+    `tie_block`, none after."""
+
+    k: int
+    n: int
+    prefix: int = 0
+    above: int = 0
+    rank: int = 0
+    equal: int = 0
+    threshold: float = 0.0
+    tie_block: int = -1
+    tie_keep: int = 0
+
+    @property
+    def keep_all(self) -> bool:
+        return self.k >= self.n
+
+    @property
+    def keep_none(self) -> bool:
+        return self.k <= 0
+
+    @property
+    def active(self) -> bool:
+        return not (self.keep_all or self.keep_none)
+
+    @property
+    def partial_ties(self) -> bool:
+        return self.active and self.rank < self.equal
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A selection pipeline: `values(job, chunk)` gives each stream's statistic on a chunk (flat,
+    non-negative, compute dtype); `counts(job, n, nonzero)` gives each stream's tuple of k from
+    its total entries and non-zero entries (over the population, for the model scope)."""
+
+    name: str
+    values: Callable[[Job, Chunk], list[Array]]
+    counts: Callable[[Job, list[int], list[int]], list[tuple[int, ...]]]
+    ties: str = "index"
+    population: Callable[[Job], Hashable | None] = field(default=lambda job: None)
+
+    def __post_init__(self) -> None:
+        if self.ties not in TIES:
+            raise ValueError(f"ties must be one of {TIES}, got {self.ties!r}")
+
+    def passes(self, job: Job) -> Iterator[Pass]:
+        """The histogram passes (and the tie pass where needed); `cuts(job)` holds the result."""
+        population = self.population(job)
+        if population is not None and self.ties != "all":
+            raise ValueError("a selection over the whole model keeps all ties (ties='all')")
+        bits = 64 if job.compute == "float64" else 32
+        for level in range(bits // WIDTH):
+            shift = bits - WIDTH * (level + 1)
+            yield Pass(
+                f"{self.name}.{level}",
+                _Level(self, level, shift).measure,
+                _Level(self, level, shift).finish,
+                population=population,
+            )
+        if self.ties == "index" and any(c.partial_ties for s in self.cuts(job) for c in s):
+            yield Pass(f"{self.name}.ties", self._count_ties, self._place_ties, _concat)
+
+    def cuts(self, job: Job) -> list[list[Cut]]:
+        """Per stream, per k: the cuts as the latest of the passes left them."""
+        for key in (f"{self.name}.ties", *(f"{self.name}.{level}" for level in (3, 2, 1, 0))):
+            if key in job.stats:
+                return job.stats[key]
+        raise KeyError(f"{self.name}: no pass has run yet")
+
+    def mask(self, job: Job, chunk: Chunk, value: Array, stream: int, which: int = 0) -> Array:
+        """Which entries of `value` (stream `stream`'s statistic on `chunk`) selection `which`
+        of that stream keeps."""
+        xp = chunk.xp
+        cut = self.cuts(job)[stream][which]
+        if cut.keep_all:
+            return value >= 0
+        if cut.keep_none:
+            return value < 0
+        thr = cut.threshold
+        if self.ties == "all" or not cut.partial_ties:
+            return value >= thr
+        lo = cut.tie_block * job.block - chunk.start
+        hi = lo + job.block
+        if hi <= 0:
+            return value > thr
+        if lo >= chunk.size:
+            return value >= thr
+        lo, hi = max(lo, 0), min(hi, chunk.size)
+        middle = value[lo:hi]
+        equal = middle == thr
+        order = xp.cumulative_sum(xp.astype(equal, xp.int64))
+        kept = (middle > thr) | (equal & (order <= cut.tie_keep))
+        return xp.concat([value[:lo] >= thr, kept, value[hi:] > thr])
+
+    def _count_ties(self, job: Job, chunk: Chunk) -> list:
+        """Per stream and k: (first block, count of entries equal to the threshold per block)."""
+        values = self.values(job, chunk)
+        out = []
+        for stream, cuts in zip(values, self.cuts(job)):
+            for cut in cuts:
+                if not cut.partial_ties:
+                    out.append(None)
+                    continue
+                counts = _block_counts(chunk.xp, stream == cut.threshold, job.block)
+                out.append((chunk.start // job.block, counts))
+        return [out]
+
+    def _place_ties(self, job: Job, measured: list) -> list[list[Cut]]:
+        flat = [c for cuts in self.cuts(job) for c in cuts]
+        for position, cut in enumerate(flat):
+            if not cut.partial_ties:
+                continue
+            pieces = sorted(m[position] for m in measured)
+            counts = np.concatenate([c for _, c in pieces])
+            before = np.cumsum(counts) - counts
+            block = int(np.searchsorted(before + counts, cut.rank))  # first block reaching rank
+            cut.tie_block, cut.tie_keep = block, int(cut.rank - before[block])
+        return self.cuts(job)
+
+
+def _concat(a: list, b: list) -> list:
+    return a + b
+
+
+def _block_counts(xp, mask: Array, block: int) -> np.ndarray:
+    """The number of True entries of the flat `mask` per block (the last may be partial)."""
+    n = mask.shape[0]
+    whole = n - n % block
+    ints = xp.astype(mask, xp.int64)
+    parts = []
+    if whole:
+        parts.append(backend.to_host(xp.sum(xp.reshape(ints[:whole], (-1, block)), axis=1)))
+    if whole < n:
+        parts.append(np.asarray([int(xp.sum(ints[whole:]))]))
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+@dataclass(frozen=True)
+class _Level:
+    """One histogram pass: the bins of bits shift .. shift+15 of every stream's statistic (among
+    the entries sharing each cut's prefix, after the first level)."""
+
+    selection: Selection
+    level: int
+    shift: int
+
+    def measure(self, job: Job, chunk: Chunk) -> list:
+        xp = chunk.xp
+        values = self.selection.values(job, chunk)
+        out = []
+        for s, value in enumerate(values):
+            on = backend.of(value)
+            bits = on.float_bits(value)
+            digit = bits >> self.shift
+            if self.level == 0:
+                nonzero = int(xp.count_nonzero(value))
+                out.append((on.bincount(digit, BINS), value.shape[0], nonzero))
+                continue
+            digit = digit & (BINS - 1)
+            hists = []
+            for cut in self.selection.cuts(job)[s]:
+                if not cut.active:
+                    hists.append(None)
+                    continue
+                inside = (bits >> (self.shift + WIDTH)) == cut.prefix
+                hists.append(on.bincount(digit, BINS, where=inside))
+            out.append(hists)
+        return out
+
+    def finish(self, job: Job, total: list) -> list[list[Cut]]:
+        if self.level == 0:
+            sizes = [int(n) for _, n, _ in total]
+            nonzero = [int(z) for _, _, z in total]
+            ks = self.selection.counts(job, sizes, nonzero)
+            cuts = [[Cut(k, n, rank=k) for k in stream_ks] for stream_ks, n in zip(ks, sizes)]
+            hists = [[h for _ in stream] for (h, _, _), stream in zip(total, cuts)]
+        else:
+            cuts = self.selection.cuts(job)
+            hists = total
+        last = self.shift == 0
+        for stream_cuts, stream_hists in zip(cuts, hists):
+            for cut, hist in zip(stream_cuts, stream_hists):
+                if cut.active:
+                    _narrow(cut, hist, last, job.compute)
+        return cuts
+
+
+def _narrow(cut: Cut, hist: np.ndarray, last: bool, compute: str) -> None:
+    """Move `cut` one digit down: the bin holding its rank-th largest entry."""
+    from_top = np.cumsum(hist[::-1])
+    index = int(np.searchsorted(from_top, cut.rank))  # first position where the count reaches
+    b = BINS - 1 - index
+    higher = int(from_top[index] - hist[b])
+    cut.prefix = (cut.prefix << WIDTH) | b
+    cut.above += higher
+    cut.rank -= higher
+    if last:
+        cut.equal = int(hist[b])
+        bits = np.array([cut.prefix], np.int64 if compute == "float64" else np.int32)
+        cut.threshold = float(bits.view(np.float64 if compute == "float64" else np.float32)[0])

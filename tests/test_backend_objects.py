@@ -1,0 +1,284 @@
+"""Backend objects: availability, resolution, exact host round trips, bfloat16 as bits, and the
+chunk data path (stored bytes widened on the device, staging buffers reused)."""
+
+import importlib.util
+import warnings
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from mmerge import backend as B
+from mmerge.errors import InvalidInput
+from mmerge.io.dtypes import DTYPES
+
+LOCAL = [
+    b
+    for b, module in [
+        ("numpy", "numpy"),
+        ("torch", "torch"),
+        ("mlx", "mlx.core"),
+        ("array_api_strict", "array_api_strict"),
+    ]
+    if b == "numpy" or importlib.util.find_spec(module.split(".")[0]) is not None
+]
+
+SPECIAL = np.array([0.0, -0.0, 1e-40, -3.5, 65504.0, 1e38, np.inf, -np.inf, np.nan], np.float32)
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(f"u{a.dtype.itemsize}")
+
+
+def to_backend(host, name, device=None):
+    return B.get(name, device).from_host(host)
+
+
+def test_numpy_is_always_available_and_shares_memory():
+    assert B.available("numpy") == (True, "")
+    host = np.arange(4.0)
+    assert to_backend(host, "numpy") is host
+    assert B.to_host(host) is host
+
+
+def test_unknown_backend_is_named():
+    ok, reason = B.available("tensorflow")
+    assert not ok and "unknown backend 'tensorflow'" in reason
+    with pytest.raises(InvalidInput, match="tensorflow"):
+        B.resolve("tensorflow")
+
+
+def test_missing_library_says_how_to_install(monkeypatch):
+    from mmerge.backend.base import Backend
+
+    monkeypatch.setattr(Backend, "library", classmethod(lambda cls: None))
+    ok, reason = B.available("torch")
+    assert not ok and 'pip install "mmerge[torch]"' in reason
+    with pytest.raises(InvalidInput, match=r"mmerge\[mlx\]"):
+        B.resolve("mlx")
+
+
+def test_numpy_refuses_a_gpu_device():
+    assert B.available("numpy", "cuda") == (False, "numpy computes only on cpu")
+    with pytest.raises(InvalidInput, match="not usable"):
+        B.resolve("numpy", "cuda")
+
+
+def test_resolve_defaults_and_spelling():
+    assert B.resolve() == ("numpy", "cpu")
+    assert B.resolve("NumPy") == ("numpy", "cpu")
+    if "array_api_strict" in LOCAL:
+        assert B.resolve("array-api-strict", "no_float64") == (
+            "array_api_strict",
+            "no_float64",
+        )
+        ok, reason = B.available("array_api_strict", "tpu")
+        assert not ok and "tpu" in reason
+
+
+def test_auto_picks_numpy_without_a_gpu(monkeypatch):
+    real = B.available
+    monkeypatch.setattr(
+        B, "available", lambda b, d=None: (False, "no") if b != "numpy" else real(b, d)
+    )
+    assert B.resolve("auto") == ("numpy", "cpu")
+    assert B.resolve("auto", "cuda:1") == ("numpy", "cpu")
+
+
+def test_auto_prefers_torch_then_cupy_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(B, "available", lambda b, d=None: (b == "torch", ""))
+    assert B.resolve("auto") == ("torch", "cuda")
+    monkeypatch.setattr(B, "available", lambda b, d=None: (b in ("cupy", "numpy"), ""))
+    assert B.resolve("auto", "cuda:0") == ("cupy", "cuda:0")
+
+
+def test_cuda_index_parsing():
+    from mmerge.backend.torch_backend import cuda_index
+
+    assert cuda_index("cuda") == 0
+    assert cuda_index("cuda:3") == 3
+    assert cuda_index("cpu") is None and cuda_index("cuda:x") is None
+
+
+def test_to_backend_needs_a_numpy_array():
+    with pytest.raises(InvalidInput, match="numpy array, got list"):
+        to_backend([1.0, 2.0], "numpy")
+
+
+def test_to_host_takes_numpy_scalars_as_0d_arrays():
+    back = B.to_host(np.float16(1.5))
+    assert isinstance(back, np.ndarray) and back.shape == () and back.dtype == np.float16
+
+
+def test_to_host_rejects_unknown_objects():
+    with pytest.raises(InvalidInput, match="cannot move"):
+        B.to_host(object())
+
+
+SAMPLES = {
+    "float32": SPECIAL,
+    "float64": SPECIAL.astype(np.float64) * 1e10,
+    "float16": np.array([0.0, -0.0, 6e-8, -3.5, 65504.0, np.inf, np.nan], np.float16),
+    "int64": np.array([0, -1, 2**62, -(2**63)], np.int64),
+    "bool": np.array([True, False, True]),
+}
+ROUND_TRIPS = [
+    (b, d) for b in LOCAL for d in SAMPLES if not (b == "array_api_strict" and d == "float16")
+]
+
+
+@pytest.mark.parametrize(("backend", "dtype"), ROUND_TRIPS)
+def test_round_trip_is_exact(backend, dtype):
+    host = SAMPLES[dtype]
+    back = B.to_host(to_backend(host, backend))
+    assert isinstance(back, np.ndarray) and back.dtype == host.dtype and back.shape == host.shape
+    np.testing.assert_array_equal(bits(back), bits(host))
+
+
+@pytest.mark.parametrize("backend", [b for b in LOCAL if b != "array_api_strict"])
+def test_bfloat16_travels_as_bits(backend):
+    host = SPECIAL.astype(ml_dtypes.bfloat16)
+    on = to_backend(host, backend)
+    assert "bfloat16" in str(on.dtype)
+    back = B.to_host(on)
+    assert back.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(bits(back), bits(host))
+
+
+@pytest.mark.parametrize("backend", LOCAL)
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_zero_d_and_empty_arrays(backend, dtype):
+    for host in (np.full((), 2.5, dtype), np.zeros((0, 3), dtype)):
+        on = to_backend(host, backend)
+        assert tuple(on.shape) == host.shape
+        back = B.to_host(on)
+        assert back.shape == host.shape
+        np.testing.assert_array_equal(back.astype(np.float32), host.astype(np.float32))
+
+
+def test_torch_shares_memory_and_accepts_read_only_arrays():
+    torch = pytest.importorskip("torch")
+    host = np.arange(6, dtype=np.float32)
+    t = to_backend(host, "torch")
+    host[0] = 42.0
+    assert t[0].item() == 42.0
+    frozen = np.arange(3, dtype=np.float32)
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not writable" warning for memory-mapped inputs
+        got = to_backend(frozen, "torch")
+    assert got.dtype == torch.float32 and got.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_torch_bfloat16_and_cuda_reason():
+    torch = pytest.importorskip("torch")
+    t = to_backend(np.ones(2, ml_dtypes.bfloat16), "torch")
+    assert t.dtype == torch.bfloat16
+    if not torch.cuda.is_available():
+        ok, reason = B.available("torch", "cuda:0")
+        assert not ok and "no CUDA device" in reason
+    ok, reason = B.available("torch", "tpu")
+    assert not ok and "unknown device" in reason
+
+
+def test_mlx_keeps_float64_and_names_the_gpu():
+    mx = pytest.importorskip("mlx.core")
+    x = to_backend(np.array([0.1]), "mlx")
+    assert x.dtype == mx.float64
+    ok, reason = B.available("mlx", "tpu")
+    assert not ok and "unknown device" in reason
+    assert B.available("mlx", "gpu")[0] == mx.is_available(mx.gpu)
+
+
+def test_strict_widens_16_bit_floats_and_honours_its_devices():
+    xp = pytest.importorskip("array_api_strict")
+    half = to_backend(np.array([1.5], np.float16), "array_api_strict")
+    assert half.dtype == xp.float32
+    bf = to_backend(np.array([1.5], ml_dtypes.bfloat16), "array_api_strict")
+    assert bf.dtype == xp.float32 and B.to_host(bf).tolist() == [1.5]
+    on = to_backend(np.array([1.0], np.float32), "array_api_strict", "no_float64")
+    assert on.device == xp.Device("no_float64")
+    assert B.to_host(on).tolist() == [1.0]
+    with pytest.raises(InvalidInput, match="no_float64.*float64"):
+        to_backend(np.array([1.0]), "array_api_strict", "no_float64")
+
+
+def test_cupy_and_jax_report_why_they_are_unavailable():
+    for backend in ("cupy", "jax"):
+        ok, reason = B.available(backend)
+        if not ok:
+            assert "install" in reason or "device" in reason
+
+
+# -- the chunk data path: stored bytes -> compute dtype on the device -----------------------------
+
+STORED = {
+    "BF16": SPECIAL.astype(ml_dtypes.bfloat16),
+    "F16": SPECIAL.astype(np.float16),
+    "F32": SPECIAL,
+    "F64": SPECIAL.astype(np.float64),
+    "F8_E4M3": np.array([0.0, -0.0, 1.5, -448.0, 0.015625], ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.array([0.0, -2.0, 57344.0, np.inf, 1.5e-5], ml_dtypes.float8_e5m2),
+}
+
+
+@pytest.mark.parametrize("name", LOCAL)
+@pytest.mark.parametrize("code", sorted(STORED))
+@pytest.mark.parametrize("compute", ["float32", "float64"])
+def test_from_stored_widens_exactly(name, code, compute):
+    """Stored bytes as a checkpoint holds them (BF16 as uint16 bits, F8 as uint8) arrive as the
+    compute dtype with exactly the stored values, on every backend."""
+    on = B.get(name)
+    values = STORED[code]
+    raw = np.ascontiguousarray(values).view(DTYPES[code].storage)
+    got = B.to_host(on.from_stored(raw, DTYPES[code], compute))
+    assert got.dtype == np.dtype(compute)
+    np.testing.assert_array_equal(got, values.astype(compute))
+
+
+def test_numpy_widens_into_reused_staging_buffers():
+    on = B.get("numpy")
+    raw = np.arange(10, dtype=np.uint16)
+    first = on.from_stored(raw, DTYPES["BF16"], "float32", slot=0)
+    again = on.from_stored(raw[:6], DTYPES["BF16"], "float32", slot=0)
+    other = on.from_stored(raw, DTYPES["BF16"], "float32", slot=1)
+    assert np.shares_memory(first, again)  # one buffer per slot and thread, reused
+    assert not np.shares_memory(first, other)
+
+
+def test_torch_widens_on_the_device_from_the_stored_bits():
+    torch = pytest.importorskip("torch")
+    on = B.get("torch")
+    bits = STORED["BF16"].view(np.uint16)
+    t = on.from_stored(bits, DTYPES["BF16"], "float32")
+    assert t.dtype == torch.float32 and t.device.type == "cpu"
+    np.testing.assert_array_equal(t.numpy(), STORED["BF16"].astype(np.float32))
+    assert on.chunk_elements == B.get("numpy").chunk_elements  # the CPU's cache-sized chunks
+
+
+def test_gpu_backends_ask_for_large_chunks():
+    from mmerge.backend.cupy_backend import CupyBackend
+    from mmerge.backend.torch_backend import TorchBackend
+
+    assert TorchBackend("cuda:0").chunk_elements > TorchBackend("cpu").chunk_elements
+    assert CupyBackend("cuda").chunk_elements > TorchBackend("cpu").chunk_elements
+
+
+@pytest.mark.parametrize("name", LOCAL)
+def test_of_finds_the_backend_object_of_an_array(name):
+    x = to_backend(np.zeros(3, np.float32), name)
+    assert B.of(x).name == name
+    assert B.of(x) is B.get(name)
+
+
+@pytest.mark.parametrize("name", LOCAL)
+def test_float_bits_and_bincount(name):
+    on = B.get(name)
+    host = np.array([0.0, 1.0, 2.0, 1.0, 0.5], np.float32)
+    bits = B.to_host(on.float_bits(on.from_host(host)))
+    np.testing.assert_array_equal(bits, host.view(np.int32))
+    counts = on.bincount(on.from_host(np.array([0, 3, 3, 1], np.int32)), 5)
+    assert counts.tolist() == [1, 1, 0, 2, 0]
+    where = on.from_host(np.array([True, False, True, True]))
+    idx = on.from_host(np.array([0, 3, 3, 1], np.int32))
+    assert on.bincount(idx, 5, where=where).tolist() == [1, 1, 0, 1, 0]

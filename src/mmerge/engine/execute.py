@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from mmerge import backend as backends
 from mmerge.engine.allocator import keep_chunk_memory
 from mmerge.engine.plan import Plan, PlanItem
-from mmerge.io.dtypes import DTYPES
+from mmerge.io.dtypes import DTYPES, check_fits
 from mmerge.methods.contract import Chunk, Job, Pass, run_passes
 
 MEMORY_BUDGET = 640 << 20  # bytes of working memory the tasks in flight may hold together
@@ -159,8 +159,9 @@ class Runner:
             ref.release(start, stop)
         else:
             chunk = self.load(item, start, stop)
-            result = job.method.apply(job, chunk)
-            self.writer.write(item.name, self.backend.to_host(result), start=start)
+            result = self.backend.to_host(job.method.apply(job, chunk))
+            check_fits(result, DTYPES[item.out_dtype], item.name)
+            self.writer.write(item.name, result, start=start)
         self.finished(item, start, stop)
 
     def finished(self, item: PlanItem, start: int, stop: int) -> None:

@@ -9,15 +9,15 @@ from mmerge.methods.registry import Param, register
 @register(
     "passthrough",
     "copy the single model's tensor (times scale); used by layer-stacking recipes",
-    params=(Param("scale", float, 1.0, "factor applied to the tensor"),),
+    params=(Param("scale", float, 1.0, "factor applied to the tensor", per_model=True),),
     min_models=1,
     max_models=1,
-    copies=lambda params: params["scale"] == 1,
+    copies=lambda params: params["scale"] == (1,),
     reference="mergekit (Goddard et al. 2024, arXiv:2403.13257)",
     exact=True,
     self_merge={"scale": 1.0},
 )
 def passthrough(job, chunk):
-    scale = job.params["scale"]
+    (scale,) = job.params["scale"]
     x = chunk.models[0]
     return finite_result(job, chunk, x if scale == 1 else x * scale)

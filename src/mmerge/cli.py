@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from mmerge.errors import InvalidInput, MmergeError
+from mmerge.units import human
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -34,15 +35,6 @@ def parse_size(text: str) -> int:
         raise click.BadParameter(f"{text!r} is not a size such as 5GB, 500MB or 2GiB")
     unit = (m.group(2) or "").lower().removesuffix("b")
     return int(float(m.group(1)) * _UNITS[unit])
-
-
-def human(n: float) -> str:
-    """Bytes for people: 2.2 GB."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def _numbers(text: str, what: str) -> float | list[float]:
@@ -188,14 +180,23 @@ def execution_options(f):
     return f
 
 
-def _progress(total: int, quiet: bool):
-    """A byte progress bar on a terminal; None otherwise."""
-    if quiet or not sys.stderr.isatty():
-        return None, None
-    from tqdm import tqdm
+class _Progress:
+    """A byte progress bar on the terminal, opened at the merge's first report (which carries
+    the total), so the plan is built once."""
 
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", leave=False)
-    return bar, bar.update
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _report(result, quiet: bool, dry_run: bool, started: float) -> None:
@@ -219,19 +220,17 @@ def _report(result, quiet: bool, dry_run: bool, started: float) -> None:
     )
 
 
-def _run_with_progress(fn, total_fn, quiet: bool, dry_run: bool, **kwargs):
-    """Run a merge function with a progress bar sized from its own dry run."""
+def _run_with_progress(fn, quiet: bool, dry_run: bool, **kwargs):
+    """Run a merge function, with a progress bar on a terminal."""
     started = time.perf_counter()
-    bar = None
+    progress = None
     if not dry_run and not quiet and sys.stderr.isatty():
-        total = total_fn()
-        bar, update = _progress(total, quiet)
-        kwargs["on_progress"] = update
+        progress = kwargs["on_progress"] = _Progress()
     try:
         result = fn(dry_run=dry_run, **kwargs)
     finally:
-        if bar is not None:
-            bar.close()
+        if progress is not None:
+            progress.close()
     _report(result, quiet, dry_run, started)
     return result
 
@@ -368,12 +367,7 @@ def stream(
         **params,
     )
 
-    def total() -> int:
-        return merge(list(models), output, dry_run=True, **kwargs).plan.bytes_written()
-
-    _run_with_progress(
-        lambda **kw: merge(list(models), output, **kw), total, quiet, dry_run, **kwargs
-    )
+    _run_with_progress(lambda **kw: merge(list(models), output, **kw), quiet, dry_run, **kwargs)
 
 
 @cli.command()
@@ -422,12 +416,7 @@ def run(
         allow_mismatch=allow_mismatch,
     )
 
-    def total() -> int:
-        return run_recipe(recipe, output, dry_run=True, **kwargs).plan.bytes_written()
-
-    _run_with_progress(
-        lambda **kw: run_recipe(recipe, output, **kw), total, quiet, dry_run, **kwargs
-    )
+    _run_with_progress(lambda **kw: run_recipe(recipe, output, **kw), quiet, dry_run, **kwargs)
 
 
 @cli.command()
@@ -442,7 +431,7 @@ def inspect(path, as_json):
       mmerge inspect merged.safetensors
       mmerge inspect out/ --json
     """
-    from mmerge.inspect import describe, render
+    from mmerge.describe import describe, render
 
     info = describe(path)
     click.echo(json.dumps(info, indent=2) if as_json else render(info))

@@ -36,7 +36,7 @@ class Execution:
     device: str | None = None
     compute_dtype: str = "float32"
     workers: int = 2
-    on_progress: Callable[[int], None] | None = None  # called with bytes written
+    on_progress: Callable[[int, int], None] | None = None  # (bytes written, bytes to write)
     chunk_elements: int | None = None
 
 
@@ -87,6 +87,7 @@ class Runner:
         self.budget = _Budget(MEMORY_BUDGET)
         self.lock = threading.Lock()
         self.remaining: dict[str, int] = {}
+        self.done, self.total = 0, 0  # output bytes written and to write
         self.in_flight: set[Future] = set()
         self.pool: ThreadPoolExecutor | None = None
 
@@ -171,7 +172,10 @@ class Runner:
         if done:
             self.writer.finish_tensor(item.name)
         if self.run.on_progress is not None:
-            self.run.on_progress((stop - start) * DTYPES[item.out_dtype].itemsize)
+            with self.lock:
+                self.done += (stop - start) * DTYPES[item.out_dtype].itemsize
+                done = self.done
+            self.run.on_progress(done, self.total)
 
     def apply(self, item: PlanItem, job: Job | None) -> None:
         """Submit the chunks of `item`; they write themselves (no waiting here)."""
@@ -189,6 +193,9 @@ class Runner:
     def execute(self) -> None:
         pending = set(self.writer.pending())
         items = self.plan.items
+        self.total = sum(i.numel * DTYPES[i.out_dtype].itemsize for i in items if i.name in pending)
+        if self.run.on_progress is not None:
+            self.run.on_progress(0, self.total)
         jobs = [None if i.is_copy else job_for(i, self.run.compute_dtype) for i in items]
 
         def measure(i: int, p: Pass):

@@ -8,6 +8,8 @@ import os
 from collections import Counter
 from typing import Any
 
+from mmerge.units import human
+
 _JSON_KEYS = ("mmerge.parameters", "mmerge.inputs")
 
 
@@ -58,8 +60,6 @@ def _count(n: int) -> str:
 
 def render(info: dict[str, Any]) -> str:
     """The description as a readable table followed by totals, metadata and provenance."""
-    from mmerge.cli import human
-
     rows = [
         (t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar", human(t["bytes"]))
         for t in info["tensors"]

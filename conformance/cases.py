@@ -1,10 +1,10 @@
-"""How the suite exercises each registered method: valid inputs, parameters, and which
-properties of spec/methods.md apply. A method missing here fails test_coverage.
+"""How the suite exercises each registered method, derived from the registry: the (models,
+base?) layouts it accepts, its parameters (drawn from their declared bounds), and the properties
+it declares (symmetric, exact, self-merge parameters, tolerance).
 
-Adding a method: add a `Case` under its registry name. `counts` lists the (models, base?)
-layouts it accepts; `overrides(n)` draws the parameters that the registry's bounds alone do not
-make valid (weights that must not cancel, DELLA's density/epsilon pair); the rest are drawn
-from the registry's declared bounds.
+A new method needs nothing here. `CONDITIONING` refines the draws of methods whose parameters
+are only valid together (DELLA's density and epsilon) or that are ill-conditioned on some inputs
+(weights that cancel, antipodal directions), with the spec's reason for each.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from conformance.strategies import Inputs, as_f64
+from mmerge.methods import MethodSpec, all_methods
 
 TENSOR_NAME = "model.layers.0.mlp.down_proj.weight"
 
@@ -54,22 +55,6 @@ def _karcher(n: int) -> st.SearchStrategy[dict[str, Any]]:
     )
 
 
-def _task_norms_at_least(limit: float) -> Callable[[Inputs, dict[str, Any]], bool]:
-    """Every task vector (every row along the last axis with `filter_wise`) has a squared norm
-    of at least `limit`: model_stock clamps |a||b| at 1e-6, as mergekit."""
-
-    def check(inputs: Inputs, params: dict[str, Any]) -> bool:
-        base = as_f64(inputs.base)
-        for m in inputs.models:
-            d = as_f64(m) - base
-            rows = d if params.get("filter_wise") and d.ndim >= 2 else d.reshape(1, -1)
-            if np.sum(rows**2, axis=-1).min(initial=np.inf) < limit:
-                return False
-        return True
-
-    return check
-
-
 def _directions_do_not_cancel(inputs: Inputs, params: dict[str, Any]) -> bool:
     """The weighted mean of the unit directions (of vectors longer than tol, as karcher uses)
     is not near 0: antipodal models with balancing weights have no unique spherical mean, and
@@ -93,26 +78,6 @@ def _directions_do_not_cancel(inputs: Inputs, params: dict[str, Any]) -> bool:
 
 def _any(inputs: Inputs, params: dict[str, Any]) -> bool:
     return True
-
-
-def _longer_than_tol(inputs: Inputs, params: dict[str, Any]) -> bool:
-    """karcher treats vectors of norm <= tol as having no direction (they merge to zeros)."""
-    shift = 0 if inputs.base is None else as_f64(inputs.base)
-    return all(np.linalg.norm(as_f64(m) - shift) > params["tol"] for m in inputs.models)
-
-
-def _selection_is_clear(inputs: Inputs, params: dict[str, Any]) -> bool:
-    """sce: no tie in variance at the select_topk cut. Exactly tied variances come out of
-    float32 rounding in an order-dependent way, so the selected set could flip."""
-    if params.get("select_topk", 1.0) >= 1:
-        return True
-    base = as_f64(inputs.base)
-    deltas = np.stack([as_f64(m) - base for m in inputs.models]).reshape(len(inputs.models), -1)
-    variance = np.sort(deltas.var(axis=0))[::-1]
-    k = int(params["select_topk"] * np.count_nonzero(variance))
-    if k <= 0 or k >= variance.size:
-        return True
-    return bool(variance[k - 1] - variance[k] > 1e-4 * variance[0])
 
 
 def _ratio_is_finite(inputs: Inputs, params: dict[str, Any]) -> bool:
@@ -161,92 +126,90 @@ def _away_from_lerp_switch(inputs: Inputs, params: dict[str, Any]) -> bool:
     return not bool((near_switch | near_antipodal | (np.minimum(n0, n1) < 1e-6)).any())
 
 
-def _models(lo: int, hi: int, base: bool) -> tuple[tuple[int, bool], ...]:
-    return tuple((n, base) for n in range(lo, hi + 1))
-
-
 @dataclass(frozen=True)
-class Case:
-    """The suite's knowledge of one method."""
+class Conditioning:
+    """What the registry's bounds alone cannot say about drawing a method's calls."""
 
-    counts: tuple[tuple[int, bool], ...]
     overrides: Callable[[int], st.SearchStrategy[dict[str, Any]]] = _no_overrides
-    symmetric: bool = False  # permuting models (with their per-model parameters) keeps it
-    self_merge: dict[str, Any] | None = None  # with these parameters, copies of a model give it
-    exact: bool = False  # bit-identical on every backend (elementwise float ops, integer masks)
-    rtol32: float = 1e-5  # cross-backend / property tolerance in float32, relative to max|input|
-    # the spec's condition on inputs and parameters for the self-merge identity
-    self_merge_when: Callable[[Inputs, dict[str, Any]], bool] = _any
     # inputs where the result is stable under rounding and model order (symmetry, agreement)
     well_posed: Callable[[Inputs, dict[str, Any]], bool] = _any
-    base_is_a_model: bool = False  # with a base, the base is the first endpoint (slerp-like)
     # InvalidInput messages the spec allows for valid-looking input
     refusals: tuple[str, ...] = ()
     # parameters only valid together (drawn jointly by `overrides`)
     coupled: tuple[str, ...] = ()
 
 
-_TASK = _models(1, 3, True)
-_DELLA_PAIR = ("density", "epsilon")
-_MERGE_SELF = {"density": 1.0, "normalize": True, "lambda": 1.0, "weight": 1.0}
+CONDITIONING: dict[str, Conditioning] = {
+    # normalized weights that cancel have no defined result (spec: "sum not 0")
+    "linear": Conditioning(_weights),
+    "nuslerp": Conditioning(_weights, well_posed=_away_from_lerp_switch),
+    "multislerp": Conditioning(_weights, refusals=("directions cancel out",)),
+    "karcher": Conditioning(_karcher, well_posed=_directions_do_not_cancel),
+    # density - epsilon > 0 and density + epsilon <= 1 (spec section 4)
+    "della": Conditioning(_della, coupled=("density", "epsilon")),
+    "della_linear": Conditioning(_della, coupled=("density", "epsilon")),
+    "model_stock": Conditioning(well_posed=_ratio_is_finite),
+}
+
+
+def layouts(spec: MethodSpec, most: int = 3) -> tuple[tuple[int, bool], ...]:
+    """The (models, base?) layouts a method accepts, up to `most` models: what the registry
+    declares about its base and model counts."""
+    top = min(spec.max_models or most, most)
+    plain = tuple((n, False) for n in range(spec.min_models, top + 1))
+    with_base = tuple((n, True) for n in range(max(spec.min_models, 1), top + 1))
+    if spec.base == "endpoint":  # the base counts as the first endpoint
+        return ((top, False), (top - 1, True))
+    return {"none": plain, "required": with_base, "optional": plain + with_base}[spec.base]
+
+
+@dataclass(frozen=True)
+class Case:
+    """The suite's knowledge of one method: the registry's declarations and its conditioning."""
+
+    spec: MethodSpec
+    conditioning: Conditioning
+
+    @property
+    def counts(self) -> tuple[tuple[int, bool], ...]:
+        return layouts(self.spec)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.spec.symmetric
+
+    @property
+    def exact(self) -> bool:
+        return self.spec.exact
+
+    @property
+    def self_merge(self) -> dict[str, Any] | None:
+        return self.spec.self_merge
+
+    @property
+    def rtol32(self) -> float:
+        return self.spec.tolerance
+
+    @property
+    def base_is_a_model(self) -> bool:
+        return self.spec.base == "endpoint"
+
+    def overrides(self, n: int) -> st.SearchStrategy[dict[str, Any]]:
+        return self.conditioning.overrides(n)
+
+    @property
+    def well_posed(self) -> Callable[[Inputs, dict[str, Any]], bool]:
+        return self.conditioning.well_posed
+
+    @property
+    def refusals(self) -> tuple[str, ...]:
+        return self.conditioning.refusals
+
+    @property
+    def coupled(self) -> tuple[str, ...]:
+        return self.conditioning.coupled
+
 
 CASES: dict[str, Case] = {
-    "linear": Case(
-        _models(1, 3, False), _weights, symmetric=True, self_merge={"normalize": True}, exact=True
-    ),
-    "slerp": Case(((2, False), (1, True)), self_merge={}, rtol32=2e-4, base_is_a_model=True),
-    "nuslerp": Case(
-        ((2, False), (2, True)),
-        _weights,
-        symmetric=True,
-        self_merge={},
-        rtol32=2e-4,
-        well_posed=_away_from_lerp_switch,
-    ),
-    "multislerp": Case(
-        _models(1, 3, False) + _models(2, 3, True),
-        _weights,
-        symmetric=True,
-        self_merge={"normalize_weights": True},
-        rtol32=2e-4,
-        refusals=("directions cancel out",),
-    ),
-    "karcher": Case(
-        _models(1, 3, False) + _models(2, 3, True),
-        _karcher,
-        symmetric=True,
-        well_posed=_directions_do_not_cancel,
-        self_merge={},
-        self_merge_when=_longer_than_tol,
-        rtol32=2e-4,
-    ),
-    "task_arithmetic": Case(
-        _TASK,
-        symmetric=True,
-        self_merge={"normalize": True, "lambda": 1.0, "weight": 1.0},
-        exact=True,
-    ),
-    "ties": Case(_TASK, symmetric=True, self_merge=_MERGE_SELF, exact=True),
-    "dare_linear": Case(_TASK, self_merge=_MERGE_SELF, exact=True),
-    "dare_ties": Case(_TASK, self_merge=_MERGE_SELF, exact=True),
-    "breadcrumbs": Case(_TASK, symmetric=True, self_merge=_MERGE_SELF, exact=True),
-    "breadcrumbs_ties": Case(_TASK, symmetric=True, self_merge=_MERGE_SELF, exact=True),
-    "della": Case(_TASK, _della, self_merge=_MERGE_SELF, exact=True, coupled=_DELLA_PAIR),
-    "della_linear": Case(_TASK, _della, self_merge=_MERGE_SELF, exact=True, coupled=_DELLA_PAIR),
-    "model_stock": Case(
-        _models(2, 3, True),
-        symmetric=True,
-        self_merge={},
-        self_merge_when=_task_norms_at_least(1e-6),
-        well_posed=_ratio_is_finite,
-    ),
-    "sce": Case(
-        _TASK,
-        symmetric=True,
-        self_merge={"select_topk": 1.0},
-        exact=True,
-        well_posed=_selection_is_clear,
-    ),
-    "nearswap": Case(((2, False), (1, True)), self_merge={}, exact=True, base_is_a_model=True),
-    "passthrough": Case(((1, False),), self_merge={"scale": 1.0}, exact=True),
+    spec.name: Case(spec, CONDITIONING.get(spec.name, Conditioning())) for spec in all_methods()
 }

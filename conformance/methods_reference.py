@@ -1,9 +1,14 @@
-"""Every method of spec/methods.md as a plain numpy float64 function, written from the spec
-and never calling mmerge. make_vectors.py evaluates them to produce spec/vectors/."""
+"""Every method of spec/methods.md as a plain numpy float64 function, written from the spec and
+never calling mmerge, each with the cases of its test vectors: make_vectors.py evaluates them to
+write spec/vectors/<method>.json, and the unit tests use the functions as their reference.
+
+Adding a method: its function here, decorated with `@reference(cases...)` (its test vectors).
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -15,8 +20,33 @@ from conformance.reference import (
     ties_count,
     top_k_mask,
 )
+from conformance.vectors import SPHERICAL as SM
+from conformance.vectors import case, family
 
-F = np.float64
+METHODS: dict[str, Callable] = {}  # method name -> reference function
+VECTORS: dict[str, list[dict]] = {}  # method name -> its vector cases
+
+
+def reference(*cases: dict, name: str | None = None):
+    """Register a reference function (under its own name, or `name`) with its vector cases."""
+
+    def add(fn: Callable) -> Callable:
+        key = name or fn.__name__
+        METHODS[key], VECTORS[key] = fn, list(cases)
+        return fn
+
+    return add
+
+
+# the inputs of the vector cases: smooth values for the spherical methods, grid values (exact
+# in float32, many ties) elsewhere
+(A, B), _ = family(1, (2, 8), 2, with_base=False, kind="smooth")
+M3, B3 = family(2, (3, 4), 3, with_base=True, kind="smooth")
+G3, _ = family(3, (3, 4), 3, with_base=False)
+G2, GB = family(4, (2, 5), 1, with_base=True)
+TWO, BASE2 = family(5, (4, 6), 2, with_base=True)
+THREE, BASE3 = family(6, (3, 8), 3, with_base=True)
+FLAT, BASE_FLAT = family(7, (40,), 2, with_base=True)
 
 
 def _per_model(value, n: int) -> list:
@@ -34,12 +64,26 @@ def _lerp(a, b, t):
 # -- interpolations --------------------------------------------------------------------------
 
 
+@reference(
+    case("equal_weights", G3, None, {}),
+    case("weights", G3[:2], None, {"weight": [0.25, 0.75]}),
+    case("unnormalized", G3[:2], None, {"weight": [1.0, -0.5], "normalize": False}),
+    case("single", G3[:1], None, {"weight": 2.0}),
+)
 def linear(models, base, *, weight=1.0, normalize=True, **_):
     w = _per_model(weight, len(models))
     mixed = sum(wi * m for wi, m in zip(w, models))
     return mixed / sum(w) if normalize else mixed
 
 
+@reference(
+    case("midpoint", [A, B], None, {"t": 0.5}, SM),
+    case("base_first", [B], A, {"t": 0.3}, SM),
+    case("norm_interp", [A, 3 * B], None, {"t": 0.7, "magnitude": "norm_interp"}, SM),
+    case("parallel_lerps", [A, 2 * A], None, {"t": 0.25}, SM),
+    case("antipodal_lerps", [A, -A], None, {"t": 0.5}, SM),
+    case("zero_lerps", [np.zeros_like(A), B], None, {"t": 0.6}, SM),
+)
 def slerp(models, base, *, t=0.5, dot_threshold=0.9995, magnitude="shoemake", **_):
     a, b = (models[0], models[1]) if base is None else (base, models[0])
     na, nb = _norm(a), _norm(b)
@@ -73,6 +117,12 @@ def _slerp_vectors(v0: np.ndarray, v1: np.ndarray, t: float) -> np.ndarray:
     return out
 
 
+@reference(
+    case("flat", [A, B], None, {"weight": [1.0, 3.0]}, SM),
+    case("rows", M3[:2], None, {"nuslerp_flatten": False}, SM),
+    case("row_wise", M3[:2], None, {"nuslerp_flatten": False, "nuslerp_row_wise": True}, SM),
+    case("task_vectors", M3[:2], B3, {"weight": [2.0, 1.0]}, SM),
+)
 def nuslerp(models, base, *, weight=1.0, nuslerp_flatten=True, nuslerp_row_wise=False, **_):
     w = _per_model(weight, 2)
     t = 0.5 if abs(w[0] + w[1]) < 1e-6 else w[1] / (w[0] + w[1])
@@ -89,6 +139,11 @@ def nuslerp(models, base, *, weight=1.0, nuslerp_flatten=True, nuslerp_row_wise=
     return out if base is None else base + out
 
 
+@reference(
+    case("three", M3, None, {}, SM),
+    case("weighted_task_vectors", M3, B3, {"weight": [0.5, 0.3, 0.2]}, SM),
+    case("single", M3[:1], None, {}, SM),
+)
 def multislerp(models, base, *, weight=1.0, normalize_weights=True, **_):
     if len(models) == 1:
         return models[0]
@@ -111,6 +166,13 @@ def multislerp(models, base, *, weight=1.0, normalize_weights=True, **_):
     return out if base is None else out + base
 
 
+@reference(
+    case("three", M3, None, {}, SM),
+    case("weighted_task_vectors", M3, B3, {"weight": [0.5, 0.3, 0.2], "max_iter": 3}, SM),
+    case("two", [A, B], None, {"max_iter": 50, "tol": 1e-7}, SM),
+    case("opposite", [A, -A, B], None, {"max_iter": 20}, SM),
+    case("no_direction", [A * 1e-7, B * 1e-7], None, {"weight": [1.0, 3.0]}, SM),
+)
 def karcher(models, base, *, weight=1.0, max_iter=10, tol=1e-5, **_):
     if len(models) == 1:
         return models[0]
@@ -119,8 +181,8 @@ def karcher(models, base, *, weight=1.0, max_iter=10, tol=1e-5, **_):
     alpha = [wi / sum(w) for wi in w]
     norms = [_norm(v) for v in vs]
     valid = [i for i, n in enumerate(norms) if n > tol]
-    if not valid:
-        out = np.zeros_like(vs[0])
+    if not valid:  # no direction anywhere: the weighted mean of the vectors
+        out = sum(al * v for al, v in zip(alpha, vs))
         return out if base is None else out + base
     units = {i: vs[i] / norms[i] for i in valid}
     a = {i: w[i] / sum(w[j] for j in valid) for i in valid}
@@ -131,7 +193,7 @@ def karcher(models, base, *, weight=1.0, max_iter=10, tol=1e-5, **_):
         for i in valid:
             cos = min(1.0, max(-1.0, float(np.sum(mean * units[i]))))
             theta = math.acos(cos)
-            if theta < tol or math.sin(theta) < 1e-8:
+            if theta < tol or (cos < 0 and math.sin(theta) < 1e-3):  # at or opposite the mean
                 continue
             tangent = tangent + a[i] * theta / math.sin(theta) * (units[i] - cos * mean)
         size = _norm(tangent)
@@ -144,6 +206,10 @@ def karcher(models, base, *, weight=1.0, max_iter=10, tol=1e-5, **_):
     return out if base is None else out + base
 
 
+@reference(
+    case("pair", [G3[0], np.where(G3[1] > 0, G3[0], G3[1])], None, {"t": 0.1}),
+    case("base_first", G2, GB, {"t": 0.05}),
+)
 def nearswap(models, base, *, t=0.0001, **_):
     a, b = (models[0], models[1]) if base is None else (base, models[0])
     diff = np.abs(a - b)
@@ -152,10 +218,20 @@ def nearswap(models, base, *, t=0.0001, **_):
     return w * b + (1 - w) * a
 
 
+@reference(
+    case("copy", G3[:1], None, {}),
+    case("scaled", G3[:1], None, {"scale": -0.5}),
+)
 def passthrough(models, base, *, scale=1.0, **_):
-    return models[0] * scale
+    return models[0] * _per_model(scale, 1)[0]
 
 
+@reference(
+    case("two", M3[:2], B3, {}, SM),
+    case("three", M3, B3, {}, SM),
+    case("filter_wise", M3, B3, {"filter_wise": True}, SM),
+    case("tiny_copies", [B3 + 1e-5 * M3[0]] * 2, B3, {}, SM),
+)
 def model_stock(models, base, *, filter_wise=False, **_):
     k = len(models)
 
@@ -169,7 +245,9 @@ def model_stock(models, base, *, filter_wise=False, **_):
             ni = np.sqrt(np.sum(offsets[i] ** 2, axis=-1, keepdims=True))
             nj = np.sqrt(np.sum(offsets[j] ** 2, axis=-1, keepdims=True))
             dot = np.sum(offsets[i] * offsets[j], axis=-1, keepdims=True)
-            cosines.append(np.clip(dot / np.maximum(ni * nj, 1e-6), -1, 1))
+            product = ni * nj
+            safe = np.where(product > 0, product, 1.0)
+            cosines.append(np.where(product > 0, np.clip(dot / safe, -1, 1), 0.0))
     cos = sum(cosines) / len(cosines)
     denominator = 1 + (k - 1) * cos
     t = np.where(denominator == 0, 0.0, k * cos / np.where(denominator == 0, 1, denominator))
@@ -260,16 +338,69 @@ def _sparsify(kind, d, density, gamma, epsilon, seed, name, stream):
     return np.where(bits < keep_threshold(p), d, 0.0), p
 
 
-task_arithmetic = _task("none", None, False, "none")
-ties = _task("top", "weighted_sum", True, "none")
-dare_linear = _task("drop", None, False, "l1")
-dare_ties = _task("drop", "weighted_sum", False, "l1")
-breadcrumbs = _task("band", None, False, "none")
-breadcrumbs_ties = _task("band", "weighted_sum", False, "none")
-della = _task("della", "weighted_sum", True, "l1")
-della_linear = _task("della", None, False, "l1")
+task_arithmetic = reference(
+    case("weights_lambda", TWO, BASE2, {"weight": [0.7, -0.3], "lambda": 0.5}),
+    case("normalized", THREE, BASE3, {"weight": [1.0, 2.0, 1.0], "normalize": True}),
+    name="task_arithmetic",
+)(_task("none", None, False, "none"))
+ties = reference(
+    case("density_half", THREE, BASE3, {"density": 0.5}),
+    case("election_sum", THREE, BASE3, {"density": 0.4, "election": "sum"}),
+    case("election_count", THREE, BASE3, {"density": 0.4, "election": "count"}),
+    case("per_model", TWO, BASE2, {"density": [0.3, 0.6], "weight": [1.0, 0.5]}),
+    case("unnormalized_l1", TWO, BASE2, {"density": 0.5, "normalize": False, "rescale": "l1"}),
+    name="ties",
+)(_task("top", "weighted_sum", True, "none"))
+dare_linear = reference(
+    case("density_half", TWO, BASE2, {"density": 0.5}),
+    case(
+        "inverse_density", THREE, BASE3, {"density": 0.3, "rescale": "inverse_density", "seed": 123}
+    ),
+    case("no_rescale", FLAT, BASE_FLAT, {"density": [0.2, 0.7], "rescale": "none", "seed": 9}),
+    name="dare_linear",
+)(_task("drop", None, False, "l1"))
+dare_ties = reference(
+    case("density_half", THREE, BASE3, {"density": 0.5, "seed": 4}),
+    case("election_sum", THREE, BASE3, {"density": 0.6, "election": "sum", "seed": 5}),
+    name="dare_ties",
+)(_task("drop", "weighted_sum", False, "l1"))
+breadcrumbs = reference(
+    case("band", FLAT, BASE_FLAT, {"density": 0.5, "gamma": 0.1}),
+    case("no_outliers", TWO, BASE2, {"density": 0.4, "gamma": 0.0}),
+    case(
+        "inverse_density",
+        THREE,
+        BASE3,
+        {"density": 0.5, "gamma": 0.05, "rescale": "inverse_density"},
+    ),
+    name="breadcrumbs",
+)(_task("band", None, False, "none"))
+breadcrumbs_ties = reference(
+    case("band", THREE, BASE3, {"density": 0.5, "gamma": 0.1}),
+    case("normalized", TWO, BASE2, {"density": 0.6, "gamma": 0.05, "normalize": True}),
+    name="breadcrumbs_ties",
+)(_task("band", "weighted_sum", False, "none"))
+della = reference(
+    case("rows", THREE, BASE3, {"density": 0.5, "epsilon": 0.2, "seed": 1}),
+    case(
+        "flat_inverse",
+        FLAT,
+        BASE_FLAT,
+        {"density": 0.6, "epsilon": 0.3, "rescale": "inverse_density"},
+    ),
+    name="della",
+)(_task("della", "weighted_sum", True, "l1"))
+della_linear = reference(
+    case("rows", TWO, BASE2, {"density": 0.4, "epsilon": 0.1, "seed": 2}),
+    case("flat_none", FLAT, BASE_FLAT, {"density": 0.5, "epsilon": 0.4, "rescale": "none"}),
+    name="della_linear",
+)(_task("della", None, False, "l1"))
 
 
+@reference(
+    case("all", THREE, BASE3, {}),
+    case("select_half", THREE, BASE3, {"select_topk": 0.5}),
+)
 def sce(models, base, *, select_topk=1.0, **_):
     deltas = [m - base for m in models]
     k = len(deltas)
@@ -284,22 +415,38 @@ def sce(models, base, *, select_topk=1.0, **_):
     return base + _combine(deltas, weights, election="sum", normalize=True)
 
 
-METHODS = {
-    "linear": linear,
-    "slerp": slerp,
-    "nuslerp": nuslerp,
-    "multislerp": multislerp,
-    "karcher": karcher,
-    "nearswap": nearswap,
-    "passthrough": passthrough,
-    "model_stock": model_stock,
-    "task_arithmetic": task_arithmetic,
-    "ties": ties,
-    "dare_linear": dare_linear,
-    "dare_ties": dare_ties,
-    "breadcrumbs": breadcrumbs,
-    "breadcrumbs_ties": breadcrumbs_ties,
-    "della": della,
-    "della_linear": della_linear,
-    "sce": sce,
-}
+# -- TIES over the whole model (spec section 2.5) ---------------------------------------------
+
+
+def ties_whole_model(models, base, *, density, weight=1.0, election="sum", **params):
+    """TIES as the paper's reference code computes it: each task vector flattened over all the
+    tensors of `base` (a dict name -> array; `models` a list of such dicts), m = int(d N), the
+    threshold the (N - m)-th smallest |tau|, keep |tau| >= threshold; elect by the summed vote,
+    zeros to the sign of the sum of the elected signs; disjoint (weighted) mean; lambda."""
+    names = list(base)
+    n = len(models)
+    lam = params.get("lambda", 1.0)
+    dens, w = _per_model(density, n), _per_model(weight, n)
+    flat_base = np.concatenate([np.asarray(base[k], np.float64).ravel() for k in names])
+    taus = []
+    for j, model in enumerate(models):
+        tau = np.concatenate([np.asarray(model[k], np.float64).ravel() for k in names]) - flat_base
+        if dens[j] < 1:
+            keep = tau.size - int(dens[j] * tau.size)
+            threshold = np.partition(np.abs(tau), keep - 1)[keep - 1]
+            tau = np.where(np.abs(tau) >= threshold, tau, 0.0)
+        taus.append(tau)
+    votes = taus if election == "sum" else [wi * t for wi, t in zip(w, taus)]
+    total = sum(np.sign(v) for v in votes) if election == "count" else sum(votes)
+    sign = np.sign(total)
+    sign[sign == 0] = np.sign(np.sign(total).sum())
+    agree = [np.where(sign > 0, v > 0, v < 0) for v in votes]
+    mixed = sum(a * wi * t for a, wi, t in zip(agree, w, taus))
+    divisor = sum(a * wi for a, wi in zip(agree, w))
+    merged = flat_base + lam * mixed / np.where(divisor == 0, 1.0, divisor)
+    out, offset = {}, 0
+    for k in names:
+        size = np.asarray(base[k]).size
+        out[k] = merged[offset : offset + size].reshape(np.shape(base[k]))
+        offset += size
+    return out

@@ -1,12 +1,14 @@
-"""Benchmark `mmerge stream` against the I/O floor measured in the same run.
+"""Benchmark `mmerge stream` for every registered method against the I/O floor of the same run.
 
 Generates Llama-shaped bf16 models (a base and two fine-tunes) with mmerge.testing, then for
 each method reports wall time, peak RSS and throughput, and the ratio to the I/O floor: the time
-to read the method's inputs from the page cache plus an fsync'd write of the output's size.
+to read the method's inputs from the page cache plus an fsync'd write of the output's size,
+measured right before that method runs. Methods that need a base get it, trimming and dropping
+methods run at density 0.5, and each ratio is checked against the method's target.
 
-    python bench/stream_bench.py                      # 2.2 GB models (hidden 2048, 22 layers)
-    python bench/stream_bench.py --preset small       # ~100 MB models, a quick look
-    python bench/stream_bench.py --methods linear,ties --backend torch
+    python bench/stream_bench.py                      # every method, 2.2 GB models
+    python bench/stream_bench.py --preset small       # ~0.25 GB models (a 4x smaller embedding)
+    python bench/stream_bench.py --methods linear,ties --backend torch --device cuda
 """
 
 from __future__ import annotations
@@ -21,13 +23,19 @@ from pathlib import Path
 
 PRESETS = {
     "llama-1b": {"hidden": 2048, "intermediate": 5632, "layers": 22, "vocab": 32000},
-    "small": {"hidden": 512, "intermediate": 1408, "layers": 8, "vocab": 8000},
+    "small": {"hidden": 1024, "intermediate": 2816, "layers": 11, "vocab": 16000},
 }
-EXTRA = {
-    "ties": ["--density", "0.5"],
-    "dare_ties": ["--density", "0.5"],
-    "dare_linear": ["--density", "0.5"],
-    "linear": ["--weights", "0.5,0.5"],
+# ratio to the I/O floor each method should stay within (issue #12)
+TARGETS = {"elementwise": 1.0, "spherical": 1.5, "statistics": 3.0, "iterative": 5.0}
+FAMILY = {
+    "linear": "elementwise",
+    "task_arithmetic": "elementwise",
+    "nearswap": "elementwise",
+    "passthrough": "elementwise",
+    "slerp": "spherical",
+    "nuslerp": "spherical",
+    "multislerp": "spherical",
+    "karcher": "iterative",
 }
 
 
@@ -91,52 +99,62 @@ def run_merge(args: list[str]) -> tuple[float, int, int]:
     return float(wall), int(rss_kb) * 1024, int(rc)
 
 
+def method_args(spec, models: Path) -> tuple[list[str], list[str]]:
+    """(input folders, extra options) for one method: a base where it needs one, density 0.5
+    where it drops entries, one model for single-model methods."""
+    names = ["ft1"] if spec.max_models == 1 else ["ft1", "ft2"]
+    extra = []
+    if spec.base == "required":
+        extra += ["--base", str(models / "base")]
+    if any(p.name == "density" for p in spec.params):
+        extra += ["--density", "0.5"]
+    if spec.name == "linear":
+        extra += ["--weights", "0.5,0.5"]
+    return names, extra
+
+
 def main() -> None:
+    from mmerge.methods import all_methods, get
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="llama-1b")
-    ap.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties")
+    ap.add_argument("--methods", default="all", help="comma-separated, or all (the registry)")
     ap.add_argument("--backend", default="numpy")
+    ap.add_argument("--device", default=None)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mmerge-bench")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = ap.parse_args()
 
-    shape = PRESETS[a.preset]
     models = ensure_models(a.cache, a.preset)
     work = a.cache / "out"
     work.mkdir(parents=True, exist_ok=True)
-    names = {k: model_files(models / k) for k in ("base", "ft1", "ft2")}
-    model_bytes = sum(f.stat().st_size for f in names["ft1"])
-    write_s = write_seconds(work, model_bytes)
+    files = {k: model_files(models / k) for k in ("base", "ft1", "ft2")}
+    model_bytes = sum(f.stat().st_size for f in files["ft1"])
+    chosen = [s.name for s in all_methods()] if a.methods == "all" else a.methods.split(",")
     rows = []
-    from mmerge.methods import get
-
-    for method in a.methods.split(","):
-        needs_base = get(method).needs_base
-        inputs = names["ft1"] + names["ft2"] + (names["base"] if needs_base else [])
-        floor = read_seconds(inputs) + write_s
-        args = [
-            "stream",
-            str(models / "ft1"),
-            str(models / "ft2"),
-            "--method",
-            method,
-            "-o",
-            str(work / method),
-            "--quiet",
-            "--backend",
-            a.backend,
-            *EXTRA.get(method, []),
-        ]
-        if needs_base:
-            args += ["--base", str(models / "base")]
+    for method in chosen:
+        spec = get(method)
+        names, extra = method_args(spec, models)
+        inputs = [f for n in names for f in files[n]]
+        if spec.base == "required":
+            inputs += files["base"]
+        floor = read_seconds(inputs) + write_seconds(work, model_bytes)
+        args = ["stream", *(str(models / n) for n in names), "--method", method]
+        args += ["-o", str(work / method), "--quiet", "--backend", a.backend, *extra]
+        if a.device:
+            args += ["--device", a.device]
         wall, rss, rc = run_merge(args)
         subprocess.run(["rm", "-rf", str(work / method)], check=False)
+        target = TARGETS[FAMILY.get(method, "statistics")]
+        ratio = wall / floor
         rows.append(
             {
                 "method": method,
                 "wall_s": round(wall, 2),
                 "floor_s": round(floor, 2),
-                "ratio": round(wall / floor, 2),
+                "ratio": round(ratio, 2),
+                "target": target,
+                "met": bool(rc == 0 and ratio <= target and rss < 1e9),
                 "peak_rss_mb": round(rss / 2**20),
                 "throughput_gb_s": round(sum(f.stat().st_size for f in inputs) / wall / 1e9, 2),
                 "exit": rc,
@@ -145,16 +163,17 @@ def main() -> None:
         r = rows[-1]
         print(
             f"{method:16s} {r['wall_s']:7.1f} s  floor {r['floor_s']:5.1f} s  "
-            f"{r['ratio']:5.2f}x  peak RSS {r['peak_rss_mb']:5d} MB  "
-            f"{r['throughput_gb_s']:.2f} GB/s in{'  FAILED' if rc else ''}",
+            f"{r['ratio']:5.2f}x (target {target:g}x)  peak RSS {r['peak_rss_mb']:5d} MB  "
+            f"{r['throughput_gb_s']:.2f} GB/s in{'' if r['met'] else '  NOT MET'}"
+            f"{'  FAILED' if rc else ''}",
             flush=True,
         )
     result = {
         "preset": a.preset,
-        "shape": shape,
+        "shape": PRESETS[a.preset],
         "model_bytes": model_bytes,
         "backend": a.backend,
-        "write_floor_s": round(write_s, 2),
+        "device": a.device,
         "results": rows,
     }
     if a.json:

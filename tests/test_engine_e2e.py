@@ -393,3 +393,104 @@ def test_other_backends_give_the_same_linear_merge(backend, family_files, tmp_pa
         inputs, tmp_path / f"{backend}.safetensors", method="linear", backend=backend
     ).output
     assert_same(b, load(a))
+
+
+def test_merge_and_recipes_close_every_checkpoint_they_open(family_files, tmp_path, monkeypatch):
+    import mmerge.io
+    from mmerge.engine.api import run_recipe
+
+    opened = []
+    real = mmerge.io.open_checkpoint
+
+    def recording(path, *args, **kwargs):
+        opened.append(real(path, *args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(mmerge.io, "open_checkpoint", recording)
+    mmerge.merge([family_files["ft1"], family_files["ft2"]], tmp_path / "a.safetensors")
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(family_files["base"]),
+        "models": [{"model": str(family_files["ft1"])}, {"model": str(family_files["ft2"])}],
+        "parameters": {"density": 0.5},
+    }
+    run_recipe(recipe, tmp_path / "b.safetensors")
+    assert len(opened) == 5
+    for ckpt in opened:
+        ref = next(iter(ckpt.values()))
+        with pytest.raises(mmerge.errors.InvalidInput, match="closed"):
+            ref.to_numpy()
+
+
+_COUNT_PLANS = """
+import sys
+from mmerge.engine import api, recipe
+built = []
+for module, name in ((api, "build_plan"), (recipe, "plan_recipe")):
+    def counted(*args, _real=getattr(module, name), **kwargs):
+        built.append(1)
+        return _real(*args, **kwargs)
+    setattr(module, name, counted)
+from mmerge.__main__ import main
+code = main(sys.argv[1:])
+print(len(built))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("command", ["stream", "run"])
+def test_a_terminal_merge_builds_its_plan_once(command, family_files, tmp_path):
+    """With a progress bar (stderr a terminal) the bar's total comes from the merge itself,
+    not from a dry run that opens and plans everything a second time."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+    import threading
+
+    if command == "stream":
+        args = ["stream", str(family_files["ft1"]), str(family_files["ft2"])]
+    else:
+        path = tmp_path / "r.yaml"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "merge_method": "linear",
+                    "models": [{"model": str(family_files[k])} for k in ("ft1", "ft2")],
+                }
+            )
+        )
+        args = ["run", str(path)]
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # 80 columns
+    shown = []
+    drain = threading.Thread(target=lambda: _read_all(leader, shown), daemon=True)
+    drain.start()
+    done = subprocess.run(
+        [sys.executable, "-c", _COUNT_PLANS, *args, "-o", str(tmp_path / "out.safetensors")],
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        text=True,
+        timeout=120,
+    )
+    os.close(follower)
+    drain.join(10)
+    assert done.returncode == 0
+    assert "merging" in "".join(shown)  # the bar was drawn
+    assert done.stdout.split()[-1] == "1"
+
+
+def _read_all(fd: int, into: list) -> None:
+    import os
+
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            return
+        if not data:
+            return
+        into.append(data.decode(errors="replace"))

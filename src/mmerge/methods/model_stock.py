@@ -12,8 +12,6 @@ from mmerge.methods._common import finite_chunk, gram_blocks, gram_matrix, model
 from mmerge.methods.contract import Pass
 from mmerge.methods.registry import Param, register
 
-MIN_NORM_PRODUCT = 1e-6  # mergekit clamps |a||b| to this before dividing
-
 
 def _filter_wise(job) -> bool:
     return job.params["filter_wise"] and len(job.shape) >= 2
@@ -28,15 +26,17 @@ def _ratio(xp, cos, k: int):
 
 
 def _mean_cosine(job, g: np.ndarray) -> float:
-    """The mean over pairs i < j of the clipped cosine of task vectors i and j."""
+    """The mean over pairs i < j of the clipped cosine of task vectors i and j (0 where either
+    is zero). The norm product is not clamped (mergekit clamps it at 1e-6), so copies of a model
+    with tiny task vectors still have cosine 1."""
     norms = np.sqrt(np.maximum(np.diag(g), 0.0))
     k = job.n_models
-    cosines = [
-        min(1.0, max(-1.0, g[i, j] / max(norms[i] * norms[j], MIN_NORM_PRODUCT)))
-        for i in range(k)
-        for j in range(i + 1, k)
-    ]
+    cosines = [_cosine(g[i, j], norms[i] * norms[j]) for i in range(k) for j in range(i + 1, k)]
     return float(_ratio(np, np.float64(sum(cosines) / len(cosines)), k))
+
+
+def _cosine(dot: float, product: float) -> float:
+    return 0.0 if product == 0 else min(1.0, max(-1.0, dot / product))
 
 
 def _passes(job):
@@ -60,9 +60,10 @@ def _row_ratio(xp, offsets, k: int):
     for i in range(k):
         for j in range(i + 1, k):
             product = norms[i] * norms[j]
-            product = xp.where(product < MIN_NORM_PRODUCT, MIN_NORM_PRODUCT, product)
+            zero = product == 0
             dot = xp.sum(offsets[i] * offsets[j], axis=-1, keepdims=True)
-            cosines.append(xp.clip(dot / product, -1.0, 1.0))
+            cosine = xp.clip(dot / xp.where(zero, 1.0, product), -1.0, 1.0)
+            cosines.append(xp.where(zero, 0.0, cosine))
     return _ratio(xp, model_sum(cosines) / len(cosines), k)
 
 

@@ -120,8 +120,8 @@ def _karcher(job, g: np.ndarray) -> list[float]:
     alphas = np.array(_normalized("karcher", weight))
     norms = np.sqrt(np.maximum(np.diag(g), 0.0))
     valid = [i for i in range(k) if norms[i] > tol]
-    if not valid:
-        return [0.0] * k
+    if not valid:  # no direction anywhere: the weighted mean of the vectors
+        return list(alphas)
     share = np.zeros(k)
     share[valid] = _normalized("karcher", tuple(weight[i] for i in valid))
     units = np.zeros((k, k))  # row i: the coefficients of u_i = v_i / |v_i|

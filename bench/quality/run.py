@@ -256,6 +256,7 @@ def plot(results: list[dict[str, Any]], tasks: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    lows: list[float] = []
     for ax, kind, title in (
         (axes[0], "multi", f"all {len(tasks)} fine-tunes merged into one body"),
         (axes[1], "pairwise", "two fine-tunes at a time (mean over pairs)"),
@@ -277,20 +278,25 @@ def plot(results: list[dict[str, Any]], tasks: list[str], path: Path) -> None:
             )
         for seed_row in per_seed:
             ax.plot(x, 100 * seed_row[order], "k.", markersize=4)
+        defaults = [
+            np.mean([r[kind][names[i]]["defaults_test"] or np.nan for r in results]) for i in order
+        ]
+        ax.plot(x, 100 * np.array(defaults), "x", color="tab:orange", label="at defaults")
+        lows.append(np.nanmin(defaults))
         for ref, style in (("fine-tuned", "tab:green"), ("base", "tab:red")):
             level = np.mean([np.mean(list(r["reference"]["test"][ref].values())) for r in results])
             ax.axhline(100 * level, color=style, linestyle="--", label=f"{ref}: {100 * level:.1f}")
+            lows.append(level)
         ax.set_xticks(x, [names[i] for i in order], rotation=60, ha="right")
         ax.set_title(title)
-        ax.legend(loc="lower left")
+        ax.legend(loc="upper right", ncol=3, fontsize="small")
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("mean test accuracy over tasks (%)")
-    low = min(100 * np.mean(list(r["reference"]["test"]["base"].values())) for r in results)
-    axes[0].set_ylim(max(0, low - 15), 100)
+    axes[0].set_ylim(max(0, 100 * min(lows) - 3), 101)
     n = len(results)
     fig.suptitle(
         f"mmerge on digits: {len(tasks)} tasks, parameters chosen on validation, "
-        f"test accuracy ({n} seed{'s' * (n > 1)}; dots: seeds)"
+        f"test accuracy ({n} seed{'s' * (n > 1)}; dots: seeds; x: registered defaults)"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from experiment import Config, Experiment, experiment  # noqa: E402
+from experiment import TASKS, Config, Experiment, experiment  # noqa: E402
 
 from mmerge.errors import MmergeError  # noqa: E402
 from mmerge.methods.registry import MethodSpec, all_methods  # noqa: E402
@@ -324,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
             " at their registered defaults). sd: spread of the mean over seeds. gap: mean"
             " minus the fine-tunes' mean. kept: share of the fine-tuning gain over the base"
             " kept. val: the chosen setting's validation mean. defaults: test mean at the"
-            " registered defaults.",
+            " registered defaults. Tasks: "
+            + "; ".join(f"{t} ({TASKS[t].description})" for t in tasks)
+            + ".",
             table(results, "multi", tasks),
             "Pairwise: the tasks merged two at a time ("
             + ", ".join(" + ".join(g) for g in pairs(tasks))

@@ -12,6 +12,7 @@ from mmerge.engine.execute import Execution, estimate_peak
 from mmerge.engine.layers import layer_count, layer_index
 from mmerge.engine.output import OutputOptions, write_plan
 from mmerge.engine.plan import Plan, Source, _per_tensor_params, build_plan
+from mmerge.engine.quantized_output import plan_dtype, requantize, wants_fp8
 from mmerge.errors import InvalidInput, PlanError
 from mmerge.methods.registry import get
 
@@ -86,7 +87,7 @@ def merge(
         method=name,
         base=base_src,
         params=params,
-        out_dtype=out_dtype,
+        out_dtype=plan_dtype(out_dtype),
         allow_mismatch=allow_mismatch,
     )
     folder = (base_ckpt or models[0]).path
@@ -127,6 +128,9 @@ def execute_plan(
     out_dtype: str | None = None,
 ) -> MergeResult:
     """Write a validated plan (or only describe it, for a dry run)."""
+    requant = None
+    if wants_fp8(out_dtype):
+        requant = requantize(plan, checkpoints, copy_files_from)
     peak = estimate_peak(plan)
     if dry_run:
         return MergeResult(None, plan, peak, plan.warnings)
@@ -135,7 +139,8 @@ def execute_plan(
         shard_size=shard_size,
         resume=resume,
         copy_files_from=copy_files_from,
-        out_dtype_name=_torch_dtype_name(out_dtype),
+        out_dtype_name=None if requant else _torch_dtype_name(out_dtype),
+        requantization=requant,
     )
     final = write_plan(plan, checkpoints, options, run)
     return MergeResult(final, plan, peak, plan.warnings)

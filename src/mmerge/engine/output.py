@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mmerge.engine.execute import Execution, execute
 from mmerge.engine.plan import Plan
+from mmerge.engine.quantized_output import Requantization, output_config
 
 # Weight files and indexes are never copied: the merged tensors replace them.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
@@ -58,6 +59,7 @@ class OutputOptions:
     resume: bool = False
     copy_files_from: Path | None = None  # HF folder whose config/tokenizer files are copied
     out_dtype_name: str | None = None  # recorded as torch_dtype in a copied config.json
+    requantization: Requantization | None = None  # fp8 tensors written with block scales
 
 
 def layout_for(path: Path, shard_size: int | None) -> str:
@@ -68,8 +70,12 @@ def layout_for(path: Path, shard_size: int | None) -> str:
 def write_plan(plan: Plan, checkpoints: Sequence, options: OutputOptions, run: Execution) -> Path:
     """Execute `plan` into a new checkpoint at `options.path`; nothing appears there until done."""
     from mmerge.io import StreamingWriter, TensorSpec
+    from mmerge.io.requantize import BlockQuantizer, fp8_specs
 
     specs = [TensorSpec(item.name, item.out_dtype, item.shape) for item in plan.items]
+    requant = options.requantization
+    if requant is not None:
+        specs = fp8_specs(specs, requant.names, requant.block)
     layout = layout_for(options.path, options.shard_size)
     with StreamingWriter(
         options.path,
@@ -80,7 +86,11 @@ def write_plan(plan: Plan, checkpoints: Sequence, options: OutputOptions, run: E
         resume=options.resume,
         layout=layout,
     ) as writer:
-        execute(plan, writer, run)
+        sink = writer
+        if requant is not None:
+            shapes = {item.name: item.shape for item in plan.items if item.name in requant.names}
+            sink = BlockQuantizer(writer, shapes, requant.block, requant.ue8m0)
+        execute(plan, sink, run)
         if layout == "folder" and options.copy_files_from is not None:
             _copy_files(writer, options)
         return writer.commit()
@@ -88,17 +98,13 @@ def write_plan(plan: Plan, checkpoints: Sequence, options: OutputOptions, run: E
 
 def _copy_files(writer, options: OutputOptions) -> None:
     for src in files_to_copy(options.copy_files_from):
-        if src.name == "config.json" and options.out_dtype_name:
+        config = json.loads(src.read_text()) if src.name == "config.json" else None
+        if isinstance(config, dict) and output_config(
+            config, options.requantization, options.out_dtype_name
+        ):
             with tempfile.TemporaryDirectory(prefix="mmerge-config-") as tmp:
-                writer.add_file(_retyped_config(src, options.out_dtype_name, Path(tmp)))
+                out = Path(tmp) / "config.json"
+                out.write_text(json.dumps(config, indent=2) + "\n")
+                writer.add_file(out)
         else:
             writer.add_file(src)
-
-
-def _retyped_config(src: Path, dtype_name: str, folder: Path) -> Path:
-    """A copy of config.json in `folder` whose torch_dtype names the output dtype."""
-    config = json.loads(src.read_text())
-    config["torch_dtype"] = dtype_name
-    out = folder / "config.json"
-    out.write_text(json.dumps(config, indent=2) + "\n")
-    return out

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mmerge.engine.plan import Plan, Slice, Source, build_plan, build_slice_plan
+from mmerge.engine.quantized_output import plan_dtype
 from mmerge.errors import PlanError
 
 TOP_KEYS = {
@@ -121,7 +122,9 @@ def plan_recipe(
     if recipe.get("slices") is not None:
         if recipe.get("models") is not None:
             raise RecipeError("recipe: give either 'models' or 'slices', not both")
-        plan = _slice_plan(recipe["slices"], method, base_ckpt, params, out_dtype, opened, warnings)
+        plan = _slice_plan(
+            recipe["slices"], method, base_ckpt, params, plan_dtype(out_dtype), opened, warnings
+        )
     else:
         models = recipe.get("models")
         if not isinstance(models, list) or not models:
@@ -143,7 +146,9 @@ def plan_recipe(
                 sources.append(src)
         if base_ckpt is not None and base_src is None:
             base_src = Source(base_ckpt, {}, label=str(base_ckpt.path))
-        plan = build_plan(sources, method=method, base=base_src, params=params, out_dtype=out_dtype)
+        plan = build_plan(
+            sources, method=method, base=base_src, params=params, out_dtype=plan_dtype(out_dtype)
+        )
     plan.warnings[:0] = warnings
     first = base_ckpt or next(iter(opened.opened.values()))
     copy_from = first.path if first.path.is_dir() else None

@@ -68,7 +68,12 @@ def requantize(plan: Plan, checkpoints: Sequence, config_from=None) -> Requantiz
             )
         plan.items[i] = dataclasses.replace(item, out_dtype=CODE)
         names.append(item.name)
-    keeps = scheme.method == "fp8" and scheme.block is not None and scheme.config is not None
+    keeps = (
+        scheme.method == "fp8"
+        and scheme.block is not None
+        and scheme.config is not None
+        and scheme.config.get("fmt") in (None, "e4m3", "float8_e4m3fn")
+    )
     block = scheme.block if keeps else DEFAULT_BLOCK
     config = dict(scheme.config) if keeps else _fresh_config(plan, set(names), block)
     if not keeps and scheme.config is not None:

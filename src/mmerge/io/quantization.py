@@ -347,12 +347,14 @@ _PACKED_NAMES = (
 
 
 def _refuse_packed(refs: Mapping[str, Any], where: str) -> None:
-    for name, ref in refs.items():
-        for pattern, what in _PACKED_NAMES:
+    """Refuse tensor names only packed formats use (the most specific format first)."""
+    for pattern, what in _PACKED_NAMES:
+        for name in refs:
             if pattern.search(name):
                 raise QuantizationError(
                     f"{where}: {what} tensor {name!r} is not supported; {INSTEAD}"
                 )
+    for name, ref in refs.items():
         if name.endswith("_blocks") and ref.dtype == "U8" and name[:-7] + "_scales" in refs:
             raise QuantizationError(
                 f"{where}: MXFP4 tensor {name!r} (4-bit floats packed two per byte) is not "

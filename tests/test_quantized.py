@@ -422,7 +422,7 @@ I32 = np.zeros((4, 4), np.int32)
         (
             {"a.weight": ("F8_E4M3", W), "a.weight_scale_inv": ("I32", np.ones((2, 1), np.int32))},
             None,
-            "is I32, not a float",
+            "is I32; scales must be F32, BF16",
         ),
         (
             {
@@ -671,3 +671,36 @@ def test_every_method_merges_the_dequantized_values(
     for tensor, (code, arr) in whole.items():
         assert chunked[tensor][0] == code
         np.testing.assert_array_equal(chunked[tensor][1], arr, err_msg=tensor)
+
+
+def test_copies_of_quantized_tensors_are_dequantized(tmp_path):
+    """A copied tensor (passthrough into its own dtype) is the dequantized values in BF16,
+    never the fp8 bytes."""
+    paths, exact = family(tmp_path, config=DEEPSEEK)
+    out = tmp_path / "copy.safetensors"
+    r = stream(str(paths["ft1"]), "-m", "passthrough", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    got, stored = load_output(out)
+    for name, want in exact["ft1"].items():
+        if is_quantized(name):
+            assert stored[name][0] == "BF16"
+            np.testing.assert_array_equal(got[name], want.astype(ml_dtypes.bfloat16), err_msg=name)
+
+
+def test_generated_fp8_family_is_the_family_within_fp8_rounding(tmp_path):
+    from mmerge.testing import llama_shapes, model_tensor, write_fp8_model_family
+
+    paths = write_fp8_model_family(tmp_path, hidden=160, intermediate=200, layers=2, vocab=64)
+    shapes = llama_shapes(160, 200, 2, 64)
+    with open_checkpoint(paths["ft1"]) as ckpt:
+        assert ckpt.quantization.layouts == {"128x128 blocks": 14}
+        assert ckpt.quantization.config["weight_block_size"] == [128, 128]
+        for name, shape in shapes.items():
+            want = model_tensor(0, "ft1", name, shape).astype(np.float64)
+            got = ckpt[name].to_numpy()
+            if isinstance(ckpt[name], QuantizedRef):
+                scale = expand(ckpt[name].grid(), shape, (128, 128))
+                assert_within(got, want, FP8_STEP, name, floor=2.0**-10 * scale)
+            else:
+                assert ckpt[name].dtype == "BF16"
+                assert_within(got, want, BF16_STEP, name)

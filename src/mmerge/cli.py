@@ -262,7 +262,8 @@ def _run_with_progress(fn, total_fn, quiet: bool, dry_run: bool, **kwargs):
 @click.option(
     "--out-dtype",
     default=None,
-    help="Output dtype (bfloat16, float16, float32); default: the inputs' dtype.",
+    help="Output dtype (bfloat16, float16, float32; fp8 requantizes quantized inputs with "
+    "fresh block scales); default: the inputs' dtype, bfloat16 for dequantized fp8 weights.",
 )
 @click.option(
     "--allow-mismatch",

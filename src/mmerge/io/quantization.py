@@ -392,8 +392,8 @@ def dequantized(
             continue
         if scale.dtype not in SCALE_CODES:
             raise QuantizationError(
-                f"{where}: scale {scale.name!r} of fp8 tensor {name!r} is {scale.dtype}, "
-                f"not a float"
+                f"{where}: scale {scale.name!r} of fp8 tensor {name!r} is {scale.dtype}; "
+                f"scales must be {', '.join(SCALE_CODES)}"
             )
         layout = _fit(
             refs[name], scale, declared.scale_inv if scale is inv else declared.scale, where

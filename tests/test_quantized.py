@@ -632,7 +632,7 @@ def _run(paths, spec, params, out, out_dtype, chunk):
     from mmerge.engine.api import execute_plan
     from mmerge.engine.execute import Execution
     from mmerge.engine.plan import Source, build_plan
-    from mmerge.engine.quantized_output import plan_dtype
+    from mmerge.engine.quantized_output import plan_dtype, requantize, wants_fp8
 
     n = spec.max_models if spec.max_models is not None else max(2, spec.min_models)
     ckpts = {k: open_checkpoint(paths[k]) for k in ("base", "ft1", "ft2")}
@@ -641,10 +641,10 @@ def _run(paths, spec, params, out, out_dtype, chunk):
     plan = build_plan(
         sources, method=spec, base=base, params=params, out_dtype=plan_dtype(out_dtype)
     )
+    if wants_fp8(out_dtype):
+        requantize(plan, list(ckpts.values()))
     run = Execution(chunk_elements=chunk)
-    execute_plan(
-        plan, list(ckpts.values()), out, copy_files_from=None, run=run, out_dtype=out_dtype
-    )
+    execute_plan(plan, list(ckpts.values()), out, copy_files_from=None, run=run)
     return load_output(out)
 
 

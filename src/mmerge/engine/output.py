@@ -9,17 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmerge.engine.execute import Execution, execute
-from mmerge.engine.plan import Plan
-from mmerge.engine.quantized_output import Requantization, output_config
+from mmerge.engine.plan import TORCH_NAMES, Plan
+from mmerge.engine.quantized_output import quantization_config
 
 # Weight files and indexes are never copied: the merged tensors replace them.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 _SKIP_NAMES = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
 
 
-def files_to_copy(checkpoint_path: Path) -> list[Path]:
+def files_to_copy(checkpoint_path: Path | None) -> list[Path]:
     """Non-tensor files of an HF folder (config, tokenizer, generation config, ...)."""
-    if not checkpoint_path.is_dir():
+    if checkpoint_path is None or not checkpoint_path.is_dir():
         return []
     return sorted(
         p
@@ -58,8 +58,7 @@ class OutputOptions:
     shard_size: int | None = None
     resume: bool = False
     copy_files_from: Path | None = None  # HF folder whose config/tokenizer files are copied
-    out_dtype_name: str | None = None  # recorded as torch_dtype in a copied config.json
-    requantization: Requantization | None = None  # fp8 tensors written with block scales
+    overwrite: bool = False  # replace an existing output (once the new one is complete)
 
 
 def layout_for(path: Path, shard_size: int | None) -> str:
@@ -73,10 +72,11 @@ def write_plan(plan: Plan, checkpoints: Sequence, options: OutputOptions, run: E
     from mmerge.io.requantize import BlockQuantizer, fp8_specs
 
     specs = [TensorSpec(item.name, item.out_dtype, item.shape) for item in plan.items]
-    requant = options.requantization
+    requant = plan.requantization
     if requant is not None:
         specs = fp8_specs(specs, requant.names, requant.block)
     layout = layout_for(options.path, options.shard_size)
+    extra = files_to_copy(options.copy_files_from) if layout == "folder" else []
     with StreamingWriter(
         options.path,
         specs,
@@ -85,26 +85,69 @@ def write_plan(plan: Plan, checkpoints: Sequence, options: OutputOptions, run: E
         inputs=[c.path for c in checkpoints],
         resume=options.resume,
         layout=layout,
+        overwrite=options.overwrite,
+        reserve_bytes=sum(f.stat().st_size + 4096 for f in extra),
     ) as writer:
         sink = writer
         if requant is not None:
             shapes = {item.name: item.shape for item in plan.items if item.name in requant.names}
             sink = BlockQuantizer(writer, shapes, requant.block, requant.ue8m0)
         execute(plan, sink, run)
-        if layout == "folder" and options.copy_files_from is not None:
-            _copy_files(writer, options)
+        for src in extra:
+            edited = _edited_config(src, plan) if src.name == "config.json" else None
+            if edited is None:
+                writer.add_file(src)
+                continue
+            with tempfile.TemporaryDirectory(prefix="mmerge-config-") as tmp:
+                out = Path(tmp) / src.name
+                out.write_text(json.dumps(edited, indent=2) + "\n")
+                writer.add_file(out)
         return writer.commit()
 
 
-def _copy_files(writer, options: OutputOptions) -> None:
-    for src in files_to_copy(options.copy_files_from):
-        config = json.loads(src.read_text()) if src.name == "config.json" else None
-        if isinstance(config, dict) and output_config(
-            config, options.requantization, options.out_dtype_name
-        ):
-            with tempfile.TemporaryDirectory(prefix="mmerge-config-") as tmp:
-                out = Path(tmp) / "config.json"
-                out.write_text(json.dumps(config, indent=2) + "\n")
-                writer.add_file(out)
-        else:
-            writer.add_file(src)
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+DTYPE_KEYS = ("torch_dtype", "dtype")
+
+
+def _edited_config(src: Path, plan: Plan) -> dict | None:
+    """config.json as the output needs it, or None when the copy is right as it is: the dtype
+    field names the output's dtype, quantization_config describes the fp8 output or is gone
+    with dequantized weights (spec/format.md section 6), and after layer stacking the layer
+    count and every per-layer list follow the stacked layers (in the config and in a
+    `text_config`)."""
+    try:
+        config = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None  # not JSON we understand: copied as it is
+    if not isinstance(config, dict):
+        return None
+    edited = json.loads(json.dumps(config))
+    dtype = plan.out_dtype_name()
+    quantized = quantization_config(edited, plan)
+    if dtype is None and quantized is not None:
+        dtype = TORCH_NAMES.get(quantized)  # the dequantized weights' dtype
+    if dtype is not None:
+        keys = [k for k in DTYPE_KEYS if k in edited] or ["torch_dtype"]
+        for key in keys:
+            edited[key] = dtype
+    if plan.layer_sources is not None:
+        for part in (edited, edited.get("text_config")):
+            if isinstance(part, dict):
+                _stack_layers(part, plan.layer_sources)
+    return None if edited == config else edited
+
+
+def _stack_layers(config: dict, layer_sources: list[int]) -> None:
+    """Set the layer count to the stacked one, and take each per-layer list's entries (lists
+    as long as the source's layer count, such as `layer_types`) from the source layers."""
+    counts = [config[k] for k in LAYER_COUNT_KEYS if isinstance(config.get(k), int)]
+    if not counts:
+        return
+    n_src = counts[0]
+    for key in LAYER_COUNT_KEYS:
+        if isinstance(config.get(key), int):
+            config[key] = len(layer_sources)
+    for key, value in list(config.items()):
+        per_layer = isinstance(value, list) and len(value) == n_src > 1
+        if per_layer and all(i < n_src for i in layer_sources):
+            config[key] = [value[i] for i in layer_sources]

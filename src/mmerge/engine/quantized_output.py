@@ -40,7 +40,8 @@ class Requantization:
 
 
 def requantize(plan: Plan, checkpoints: Sequence, config_from=None) -> Requantization:
-    """Mark for fp8 output every planned tensor read from a quantized tensor of some input.
+    """Mark for fp8 output every planned tensor read from a quantized tensor of some input,
+    and set `plan.requantization`.
 
     The block size and scale format follow the first quantized input (the one whose config
     is copied, `config_from`, if it is quantized); its quantization_config is kept when it
@@ -81,7 +82,8 @@ def requantize(plan: Plan, checkpoints: Sequence, config_from=None) -> Requantiz
             f"the inputs' {scheme.method} quantization_config is replaced by fine-grained fp8 "
             f"with {block[0]}x{block[1]} block scales (weight_scale_inv), as written"
         )
-    return Requantization(frozenset(names), block, scheme.ue8m0 and keeps, config)
+    plan.requantization = Requantization(frozenset(names), block, scheme.ue8m0 and keeps, config)
+    return plan.requantization
 
 
 def _fresh_config(plan: Plan, fp8: set[str], block: tuple[int, int]) -> dict[str, Any]:
@@ -101,29 +103,26 @@ def _fresh_config(plan: Plan, fp8: set[str], block: tuple[int, int]) -> dict[str
     }
 
 
-def output_config(
-    config: dict[str, Any], requant: Requantization | None, out_dtype_name: str | None
-) -> bool:
-    """Update a copied config.json in place for the output; True when anything changed.
+def quantization_config(config: dict[str, Any], plan: Plan) -> str | None:
+    """Edit a copied config.json's quantization for the output: fp8 output gets its
+    quantization_config; otherwise a quantization_config (or compression_config) is removed,
+    the weights being dequantized, and the dtype code they are written in is returned (when
+    they share one) for the config's dtype field."""
+    from mmerge.io import QuantizedRef
 
-    fp8 output: its quantization_config. Otherwise a quantization_config is removed (the
-    tensors are dequantized) and the dtype field set to the output dtype (bfloat16 unless
-    another was asked for); an explicit output dtype is always recorded.
-    """
-    changed = False
+    requant = plan.requantization
     if requant is not None:
-        if config.get("quantization_config") != requant.config:
-            config.pop("compression_config", None)
-            config["quantization_config"] = dict(requant.config)
-            changed = True
-    elif "quantization_config" in config or "compression_config" in config:
-        config.pop("quantization_config", None)
         config.pop("compression_config", None)
-        out_dtype_name = out_dtype_name or "bfloat16"
-        changed = True
-    if out_dtype_name:
-        keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
-        for key in keys:
-            changed |= config.get(key) != out_dtype_name
-            config[key] = out_dtype_name
-    return changed
+        config["quantization_config"] = dict(requant.config)
+        return None
+    if (
+        config.pop("quantization_config", None) is None
+        and config.pop("compression_config", None) is None
+    ):
+        return None
+    codes = {
+        item.out_dtype
+        for item in plan.items
+        if any(isinstance(ref, QuantizedRef) for ref in item.inputs())
+    }
+    return codes.pop() if len(codes) == 1 else None

@@ -2,8 +2,8 @@
 
 Generates a Llama-shaped fp8 family (a base and two fine-tunes: every layer matrix F8_E4M3 with
 128x128 float32 block scales, the rest BF16) with mmerge.testing, then for each case reports
-wall time, peak RSS, and the ratio to the I/O floor: reading the case's inputs from the page
-cache plus an fsync'd write of its output's size.
+wall time, CPU time, peak RSS, and the ratio to the I/O floor: reading the case's inputs from
+the page cache plus an fsync'd write of its output's size.
 
     python bench/fp8_bench.py                     # 2.3 GB fp8 models (hidden 2048, 40 layers)
     python bench/fp8_bench.py --preset fp8-small      # ~60 MB models, a quick look
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,13 @@ def ensure_models(cache: Path, preset: str) -> Path:
         print(f"generating {preset} fp8 models in {models} ...", file=sys.stderr)
         write_fp8_model_family(models, **PRESETS[preset])
     return models
+
+
+def _child_cpu() -> float:
+    """CPU seconds (user and system) used so far by this process's finished children: the
+    merge's own work, whatever else the machine is running."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def folder_bytes(folder: Path) -> int:
@@ -83,7 +91,9 @@ def main() -> None:
         ]
         if needs_base:
             args += ["--base", str(models / "base")]
+        before = _child_cpu()
         wall, rss, rc = run_merge(args)
+        cpu = _child_cpu() - before
         written = folder_bytes(out) if rc == 0 else 0
         floor = read_seconds(inputs) + write_seconds(work, written)
         subprocess.run(["rm", "-rf", str(out)], check=False)
@@ -94,6 +104,7 @@ def main() -> None:
                 "wall_s": round(wall, 2),
                 "floor_s": round(floor, 2),
                 "ratio": round(wall / floor, 2),
+                "cpu_s": round(cpu, 1),
                 "peak_rss_mb": round(rss / 2**20),
                 "read_gb": round(read / 1e9, 2),
                 "written_gb": round(written / 1e9, 2),
@@ -103,7 +114,7 @@ def main() -> None:
         r = rows[-1]
         print(
             f"{case:22s} {r['wall_s']:7.1f} s  floor {r['floor_s']:5.1f} s  "
-            f"{r['ratio']:5.2f}x  peak RSS {r['peak_rss_mb']:5d} MB  "
+            f"{r['ratio']:5.2f}x  cpu {r['cpu_s']:6.1f} s  peak RSS {r['peak_rss_mb']:5d} MB  "
             f"read {r['read_gb']:.2f} GB  wrote {r['written_gb']:.2f} GB"
             f"{'  FAILED' if rc else ''}",
             flush=True,

@@ -704,3 +704,14 @@ def test_generated_fp8_family_is_the_family_within_fp8_rounding(tmp_path):
             else:
                 assert ckpt[name].dtype == "BF16"
                 assert_within(got, want, BF16_STEP, name)
+
+
+def test_an_unreadable_config_declares_nothing(tmp_path):
+    """A config.json that is not JSON neither blocks a merge nor hides a quantization: the
+    names still decide (128x128 blocks for `_scale_inv`)."""
+    paths, exact = family(tmp_path, config=DEEPSEEK)
+    (paths["ft1"] / "config.json").write_text("{not json")
+    with open_checkpoint(paths["ft1"]) as ckpt:
+        assert ckpt.quantization.method == "fp8" and ckpt.quantization.config is None
+        name = "model.layers.0.mlp.down_proj.weight"
+        np.testing.assert_array_equal(ckpt[name].to_numpy(), exact["ft1"][name].astype(np.float32))

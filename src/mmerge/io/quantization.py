@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmerge.errors import FormatError, QuantizationError
+from mmerge.errors import QuantizationError
 
 FP8 = ("F8_E4M3", "F8_E5M2")
 SCALE_CODES = ("F32", "BF16", "F16", "F64", "F8_E8M0")
@@ -128,16 +128,6 @@ class Quantization:
     tensors: int  # fp8 tensors read with their scales
     dropped: tuple[str, ...]  # activation and KV-cache scales left out
 
-    def describe(self) -> str:
-        """One line: method, scale layouts, tensor counts."""
-        layouts = ", ".join(f"{n} with {k}" for k, n in self.layouts.items())
-        text = f"{self.method}: {self.tensors} fp8 tensors with scales ({layouts})"
-        if self.ue8m0:
-            text += ", power-of-two (ue8m0) scales"
-        if self.dropped:
-            text += f"; {len(self.dropped)} activation scales left out"
-        return text
-
     def summary(self) -> dict[str, Any]:
         """A JSON-ready description."""
         return {
@@ -166,14 +156,12 @@ def read_config(path: Path) -> dict[str, Any] | None:
 
 
 def _json(path: Path) -> Any:
-    if not path.is_file():
-        return None
+    """A JSON file's content; None when it is absent or not JSON (a config mmerge cannot read
+    declares nothing: the tensor names alone still decide, and refuse what they must)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise FormatError(f"{path}: not valid JSON: {str(exc)[:200]}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
 
 
 def declared_scheme(config: Mapping[str, Any] | None, where: str) -> Declared:

@@ -715,3 +715,31 @@ def test_an_unreadable_config_declares_nothing(tmp_path):
         assert ckpt.quantization.method == "fp8" and ckpt.quantization.config is None
         name = "model.layers.0.mlp.down_proj.weight"
         np.testing.assert_array_equal(ckpt[name].to_numpy(), exact["ft1"][name].astype(np.float32))
+
+
+def test_modelopt_per_tensor_and_e5m2_values(tmp_path):
+    """ModelOpt's hf_quant_config.json declares the scheme; scalar scales; E5M2 values decode
+    by their own dtype; KV-cache scales are left out."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((40, 24)).astype(np.float32)
+    e4, e5 = w.astype(F8).view(np.uint8), w.astype(ml_dtypes.float8_e5m2).view(np.uint8)
+    tensors = {
+        "a.weight": ("F8_E4M3", e4),
+        "a.weight_scale": ("F32", np.array(0.5, np.float32)),
+        "a.input_scale": ("F32", np.array(2.0, np.float32)),
+        "b.weight": ("F8_E5M2", e5),
+        "b.weight_scale": ("F32", np.array(0.25, np.float32)),
+        "attn.k_scale": ("F32", np.array(1.0, np.float32)),
+    }
+    folder = write_folder(tmp_path / "m", [tensors])
+    (folder / "hf_quant_config.json").write_text(
+        json.dumps({"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "FP8"}})
+    )
+    with open_checkpoint(folder) as ckpt:
+        assert sorted(ckpt) == ["a.weight", "b.weight"]
+        assert ckpt.quantization.method == "modelopt"
+        assert sorted(ckpt.quantization.dropped) == ["a.input_scale", "attn.k_scale"]
+        want_a = e4.view(F8).astype(np.float32) * np.float32(0.5)
+        want_b = e5.view(ml_dtypes.float8_e5m2).astype(np.float32) * np.float32(0.25)
+        np.testing.assert_array_equal(ckpt["a.weight"].to_numpy(), want_a)
+        np.testing.assert_array_equal(ckpt["b.weight"].to_numpy(), want_b)

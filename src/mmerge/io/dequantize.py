@@ -69,13 +69,12 @@ class QuantizedRef:
     def grid(self) -> np.ndarray:
         """The scales as float32, one row per block row of every leading index: shape
         (leading x block rows, block columns); (1, 1) for one scale."""
-        if self._grid is None:
+        grid = self._grid
+        if grid is None:
             scales = self.scale_ref.read_float32().copy()
-            if self.layout.kind == "tensor":
-                self._grid = scales.reshape(1, 1)
-            else:
-                self._grid = scales.reshape(-1, self.layout.grid(self.shape)[-1])
-        return self._grid
+            columns = 1 if self.layout.kind == "tensor" else self.layout.grid(self.shape)[-1]
+            grid = self._grid = scales.reshape(-1, columns)
+        return grid
 
     def read_float32(
         self, start: int = 0, stop: int | None = None, out: np.ndarray | None = None

@@ -602,7 +602,7 @@ def test_analyze_measures_the_dequantized_values(tmp_path):
 def test_block_layouts_that_agree_on_the_scale_shape_agree_on_values():
     """With no config, `_scale_inv` means 128x128 blocks; for power-of-two blocks below that, a
     scale shape that also fits 128x128 assigns every row the same scale either way."""
-    from mmerge.io.quantization import Layout
+    from mmerge.io.scale_layout import Layout
 
     for rows in range(1, 400, 7):
         for b in (32, 64, 128):

@@ -11,8 +11,9 @@ from typing import Any
 
 from mmerge.engine.plan import Plan
 from mmerge.errors import InvalidInput
-from mmerge.io.quantization import DEFAULT_BLOCK, Quantization
+from mmerge.io.quantization import Quantization
 from mmerge.io.requantize import CODE
+from mmerge.io.scale_layout import DEFAULT_BLOCK
 
 FP8_NAMES = {"fp8", "float8", "f8", "f8_e4m3", "float8_e4m3", "float8_e4m3fn", "e4m3"}
 

@@ -12,7 +12,8 @@ from pathlib import Path, PurePosixPath
 
 from mmerge.errors import FormatError
 from mmerge.io.header import Header, read_header
-from mmerge.io.quantization import Quantization, dequantized, read_config
+from mmerge.io.quant_config import read_config
+from mmerge.io.quantization import Quantization, dequantized
 from mmerge.io.tensor_ref import MappedFile, TensorRef
 
 INDEX_NAME = "model.safetensors.index.json"

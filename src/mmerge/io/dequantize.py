@@ -10,7 +10,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from mmerge.errors import InvalidInput
 from mmerge.io.dtypes import DTYPES, to_storage
-from mmerge.io.quantization import Layout, matrix_shape
+from mmerge.io.scale_layout import Layout, matrix_shape
 from mmerge.io.tensor_ref import CHUNK_ELEMENTS, TensorRef
 
 # fp8 code -> float32 value: one table lookup per element, five times faster than a cast

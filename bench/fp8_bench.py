@@ -7,6 +7,8 @@ the page cache plus an fsync'd write of its output's size.
 
     python bench/fp8_bench.py                     # 2.3 GB fp8 models (hidden 2048, 40 layers)
     python bench/fp8_bench.py --preset fp8-small      # ~60 MB models, a quick look
+    python bench/fp8_bench.py --bf16-reference        # also task_arithmetic on stream_bench's
+                                                      # bf16 family, for the cost per parameter
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import stream_bench
 from stream_bench import model_files, read_seconds, run_merge, write_seconds
 
 PRESETS = {
@@ -55,6 +58,14 @@ def _child_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _parameters(folder: Path) -> int:
+    """Parameters of a checkpoint, dequantized (scales not counted)."""
+    from mmerge.io import open_checkpoint
+
+    with open_checkpoint(folder) as ckpt:
+        return sum(ref.numel for ref in ckpt.values())
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in model_files(folder))
 
@@ -66,14 +77,21 @@ def main() -> None:
     ap.add_argument("--backend", default="numpy")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mmerge-bench")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument(
+        "--bf16-reference",
+        action="store_true",
+        help="first run task_arithmetic on stream_bench's bf16 llama-1b family",
+    )
     a = ap.parse_args()
 
-    models = ensure_models(a.cache, a.preset)
     work = a.cache / "out-fp8"
     work.mkdir(parents=True, exist_ok=True)
-    names = {k: model_files(models / k) for k in ("base", "ft1", "ft2")}
+    runs = [(case, ensure_models(a.cache, a.preset)) for case in a.cases.split(",")]
+    if a.bf16_reference:
+        runs.insert(0, ("task_arithmetic-bf16", stream_bench.ensure_models(a.cache, "llama-1b")))
     rows = []
-    for case in a.cases.split(","):
+    for case, models in runs:
+        names = {k: model_files(models / k) for k in ("base", "ft1", "ft2")}
         method_args, needs_base, extra = CASES[case]
         inputs = names["ft1"] + names["ft2"] + (names["base"] if needs_base else [])
         out = work / case
@@ -101,6 +119,8 @@ def main() -> None:
         rows.append(
             {
                 "case": case,
+                "models": models.name,
+                "params_per_model": _parameters(models / "ft1"),
                 "wall_s": round(wall, 2),
                 "floor_s": round(floor, 2),
                 "ratio": round(wall / floor, 2),
@@ -113,9 +133,10 @@ def main() -> None:
         )
         r = rows[-1]
         print(
-            f"{case:22s} {r['wall_s']:7.1f} s  floor {r['floor_s']:5.1f} s  "
+            f"{models.name:9s} {case:22s} {r['wall_s']:7.1f} s  floor {r['floor_s']:5.1f} s  "
             f"{r['ratio']:5.2f}x  cpu {r['cpu_s']:6.1f} s  peak RSS {r['peak_rss_mb']:5d} MB  "
-            f"read {r['read_gb']:.2f} GB  wrote {r['written_gb']:.2f} GB"
+            f"read {r['read_gb']:.2f} GB  wrote {r['written_gb']:.2f} GB  "
+            f"{r['cpu_s'] / r['params_per_model'] * 1e9:.1f} cpu ns/param"
             f"{'  FAILED' if rc else ''}",
             flush=True,
         )

@@ -79,7 +79,7 @@ def requantize(plan: Plan, checkpoints: Sequence, config_from=None) -> Requantiz
     block = scheme.block if keeps else DEFAULT_BLOCK
     config = dict(scheme.config) if keeps else _fresh_config(plan, set(names), block)
     if not keeps and scheme.config is not None:
-        plan.warnings.append(
+        plan.warn(
             f"the inputs' {scheme.method} quantization_config is replaced by fine-grained fp8 "
             f"with {block[0]}x{block[1]} block scales (weight_scale_inv), as written"
         )
@@ -116,10 +116,8 @@ def quantization_config(config: dict[str, Any], plan: Plan) -> str | None:
         config.pop("compression_config", None)
         config["quantization_config"] = dict(requant.config)
         return None
-    if (
-        config.pop("quantization_config", None) is None
-        and config.pop("compression_config", None) is None
-    ):
+    removed = [config.pop(key, None) for key in ("quantization_config", "compression_config")]
+    if all(value is None for value in removed):
         return None
     codes = {
         item.out_dtype

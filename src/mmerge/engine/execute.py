@@ -102,13 +102,12 @@ class Runner:
         return (stop - start) * width * (len(item.inputs()) + TEMPORARIES)
 
     def load(self, item: PlanItem, start: int, stop: int) -> Chunk:
-        """Entries [start, stop) of every input, as stored bytes widened on the backend."""
+        """Entries [start, stop) of every input, as stored bytes widened on the backend (a
+        quantized input as its dequantized float32 values)."""
         arrays = []
         for slot, ref in enumerate(item.inputs()):
-            raw = ref.raw(start, stop)
-            arrays.append(
-                self.backend.from_stored(raw, DTYPES[ref.dtype], self.run.compute_dtype, slot)
-            )
+            data, dtype = ref.transfer(start, stop)
+            arrays.append(self.backend.from_stored(data, dtype, self.run.compute_dtype, slot))
             ref.release(start, stop)
         base = arrays.pop() if item.base is not None else None
         return Chunk(self.backend.xp, arrays, base, start)
@@ -153,9 +152,9 @@ class Runner:
         """Compute (or copy) entries [start, stop) of `item` and write them."""
         if job is None:
             ref = item.sources[0]
-            data = ref.raw(start, stop)
-            if ref.dtype != item.out_dtype:
-                data = data.view(DTYPES[ref.dtype].value)
+            data, dtype = ref.transfer(start, stop)  # bits copy through; values are converted
+            if dtype.code != item.out_dtype:
+                data = data.view(dtype.value)
             self.writer.write(item.name, data, start=start)
             ref.release(start, stop)
         else:

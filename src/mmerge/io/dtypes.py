@@ -67,6 +67,8 @@ DTYPES: dict[str, DType] = dict(
         _entry("BF16", "<u2", "bfloat16", ("bf16",), ml_dtypes.bfloat16),
         _entry("F8_E4M3", "u1", "float8_e4m3fn", (), ml_dtypes.float8_e4m3fn, 448.0),
         _entry("F8_E5M2", "u1", "float8_e5m2", (), ml_dtypes.float8_e5m2),
+        # power-of-two scales (ue8m0): read as scales, never merged or written as a float dtype
+        _entry("F8_E8M0", "u1", "float8_e8m0fnu", (), ml_dtypes.float8_e8m0fnu),
         _entry("I64", "<i8", "int64"),
         _entry("I32", "<i4", "int32"),
         _entry("I16", "<i2", "int16"),
@@ -128,7 +130,7 @@ def check_fits(values: np.ndarray, dt: DType, name: str) -> None:
         return
     if dt.code not in ("F16", "BF16", "F8_E5M2") or values.size == 0:
         return
-    limit = float(np.finfo(dt.value).max)
+    limit = float(ml_dtypes.finfo(dt.value).max)
     hi, lo = float(values.max()), float(values.min())
     if max(hi, -lo) < limit:
         return

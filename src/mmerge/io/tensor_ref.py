@@ -100,6 +100,11 @@ class TensorRef:
             offset=self.start + start * self._dtype.itemsize,
         )
 
+    def transfer(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, DType]:
+        """Elements [start, stop) as they travel to a compute device, and their dtype: the
+        stored bits (widened on the device)."""
+        return self.raw(start, stop), self._dtype
+
     def values(self) -> np.ndarray:
         """All elements as a flat read-only view of the file in their number type (BF16 and F8
         as ml_dtypes types): zero-copy, for code that widens them chunk by chunk."""

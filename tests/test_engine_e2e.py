@@ -228,6 +228,56 @@ def test_bad_arguments_are_one_clear_line_and_write_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "della", "--base", "BASE", "--density", "0.1"], "density - epsilon > 0"),
+        (
+            ["--method", "della_linear", "--base", "BASE", "--density", "0.5", "-p", "epsilon=0.6"],
+            "epsilon <= 1",
+        ),
+        (["--method", "linear", "--base", "BASE"], "linear does not use a base model"),
+        (["--method", "slerp", "--base", "BASE"], "slerp takes 2 models, or 1 and a base"),
+        (["--method", "linear", "--weights", "1,-1"], "weights sum to 0"),
+        (["--method", "multislerp", "--weights", "1,-1"], "weights sum to 0"),
+        (["--method", "karcher", "--weights", "2,-2"], "weights sum to 0"),
+    ],
+)
+def test_a_dry_run_refuses_what_the_merge_refuses(family_files, tmp_path, args, message):
+    """Parameters invalid only together are refused when the plan is built: the dry run and
+    the real run give the same one line, and the run reserves nothing (no partial file or
+    journal left behind)."""
+    out = tmp_path / "out.safetensors"
+    args = [str(family_files["base"]) if a == "BASE" else a for a in args]
+    stream = ["stream", str(family_files["ft1"]), str(family_files["ft2"]), "-o", str(out)]
+    dry = CliRunner().invoke(cli, [*stream, *args, "--dry-run"])
+    real = CliRunner().invoke(cli, [*stream, *args])
+    assert dry.exit_code == real.exit_code == 2, (dry.output, real.output)
+    assert dry.output == real.output and len(real.output.strip().splitlines()) == 1
+    assert message in real.output and "Traceback" not in real.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_recipe_is_refused_before_anything_is_written(family_files, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "della",
+                "base_model": str(family_files["base"]),
+                "models": [{"model": str(family_files[k])} for k in ("ft1", "ft2")],
+                "parameters": {"density": 0.2, "epsilon": 0.2},
+            }
+        )
+    )
+    out = tmp_path / "out.safetensors"
+    dry = CliRunner().invoke(cli, ["run", str(recipe), "-o", str(out), "--dry-run"])
+    real = CliRunner().invoke(cli, ["run", str(recipe), "-o", str(out)])
+    assert dry.exit_code == real.exit_code == 2 and dry.output == real.output
+    assert "density - epsilon > 0" in real.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
 def test_missing_tensor_and_shape_mismatch(tmp_path):
     from mmerge.io import StreamingWriter, TensorSpec
 

@@ -5,7 +5,10 @@ per model (and the base), in the compute dtype, on one backend. It is written on
 
 - `passes(job)`: the statistics it needs from whole tensors, as `Pass`es yielded in order (a
   later pass may read what earlier ones found in `job.stats`);
-- `apply(job, chunk)`: the merged entries of one chunk, given those statistics.
+- `apply(job, chunk)`: the merged entries of one chunk, given those statistics;
+- `check(name, params)` (optional): parameters each in bounds but invalid together, refused
+  when they are resolved, that is when a plan is built, so a dry run refuses what a run would
+  and no method body raises about its parameters after the output is reserved.
 
 A pass measures every chunk, the measurements are combined exactly (counts add; float sums are
 kept per fixed block and added with `math.fsum`, so no chunking changes a bit), and `finish`

@@ -9,6 +9,16 @@ from mmerge.methods.consensus import SUM_EPS
 from mmerge.methods.registry import register
 
 
+def _check(method: str, params: dict) -> None:
+    """Weights to be normalized must not sum to 0 (checked when the plan is built)."""
+    total = sum(params["weight"])
+    if params["normalize"] and abs(total) < SUM_EPS:
+        raise InvalidInput(
+            f"{method}: the weights sum to {total:g}, so they cannot be normalized; "
+            "change the weights or set normalize=false"
+        )
+
+
 @register(
     "linear",
     "weighted average of the models (model soup); weights normalized to sum 1",
@@ -17,15 +27,11 @@ from mmerge.methods.registry import register
     symmetric=True,
     exact=True,
     self_merge={"normalize": True},
+    check=_check,
 )
 def linear(job, chunk):
     weight, normalize = job.params["weight"], job.params["normalize"]
     total = sum(weight)
-    if normalize and abs(total) < SUM_EPS:
-        raise InvalidInput(
-            f"linear: the weights sum to {total:g}, so they cannot be normalized; "
-            "change the weights or set normalize=false"
-        )
     mixed = model_sum([x * w for x, w in zip(chunk.models, weight)])
     if normalize:
         mixed = mixed * (1.0 / total)  # see _common.reciprocal_note

@@ -108,6 +108,11 @@ class MethodSpec:
     `symmetric` (model order does not matter), `exact` (bit-identical on every backend),
     `self_merge` (with these parameters, merging copies of a model returns it; None: no such
     promise), `tolerance` (float32 agreement across backends, relative to max|input|).
+
+    `check(name, params)` raises InvalidInput for resolved parameters that are each in bounds
+    but invalid together (DELLA's density - epsilon <= 0, weights summing to 0 that are to be
+    normalized): it runs whenever parameters are resolved, so a plan, and a dry run, refuse
+    what the merge itself would refuse, before anything is written.
     """
 
     name: str
@@ -121,6 +126,7 @@ class MethodSpec:
     max_models: int | None = None
     random: bool = False  # uses `seed` and the tensor name (DARE, DELLA)
     copies: Callable[[dict[str, Any]], bool] | None = None  # True: the result is model 0's bytes
+    check: Callable[[str, dict[str, Any]], None] | None = None
     reference: str = ""
     aliases: tuple[str, ...] = field(default=())
     symmetric: bool = False
@@ -143,7 +149,8 @@ class MethodSpec:
         raise KeyError(name)
 
     def resolve(self, n_models: int, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Defaults filled in, values checked, per-model values expanded to one per model."""
+        """Defaults filled in, values checked (each against its bounds, then together by
+        `check`), per-model values expanded to one per model."""
         params = dict(params or {})
         known = {p.name for p in self.params}
         unknown = sorted(set(params) - known)
@@ -168,6 +175,8 @@ class MethodSpec:
                 out[p.name] = None
             else:
                 out[p.name] = p.check(value, self.name)
+        if self.check is not None:
+            self.check(self.name, out)
         return out
 
     def check_count(self, n_models: int, has_base: bool) -> None:

@@ -31,7 +31,8 @@ Probability = Callable[[Job, Chunk, int, Array], "float | Array"]
 class Sparsifier:
     """How a task-vector method drops entries: `params` follow the weights, `tail` comes last;
     `keep` gives the mask of model i's surviving entries in a chunk (only called for models
-    with density < 1), `probability` their keep probability (for `inverse_density`)."""
+    with density < 1), `probability` their keep probability (for `inverse_density`); `check`
+    refuses parameters invalid together (see `MethodSpec.check`)."""
 
     name: str
     params: tuple[Param, ...]
@@ -42,6 +43,7 @@ class Sparsifier:
     passes: Callable[[Job], Iterator[Pass]] = lambda job: iter(())
     granule: Callable[[Job], int] | None = None
     random: bool = False
+    check: Callable[[str, dict[str, Any]], None] | None = None
 
 
 def dropping(job: Job) -> list[int]:
@@ -185,15 +187,14 @@ RANDOM = Sparsifier(
 # -- rank-adaptive drop (DELLA) -------------------------------------------------------------------
 
 
-def _check_della(job: Job) -> Iterator[Pass]:
+def _check_della(method: str, params: dict[str, Any]) -> None:
     """DELLA's keep probabilities density +/- epsilon must lie in (0, 1] for every model."""
-    for i, (d, e) in enumerate(zip(job.params["density"], job.params["epsilon"])):
+    for i, (d, e) in enumerate(zip(params["density"], params["epsilon"])):
         if d < 1 and not (d - e > 0 and d + e <= 1):
             raise InvalidInput(
-                f"{job.method.name}: model {i} needs density - epsilon > 0 and density + "
+                f"{method}: model {i} needs density - epsilon > 0 and density + "
                 f"epsilon <= 1, got density {d:g}, epsilon {e:g}"
             )
-    yield from ()
 
 
 def _della_granule(job: Job) -> int:
@@ -238,7 +239,7 @@ RANK = Sparsifier(
     "l1",
     _della_keep,
     _della_probability,
-    _check_della,
-    _della_granule,
+    granule=_della_granule,
     random=True,
+    check=_check_della,
 )

@@ -35,6 +35,12 @@ def _normalized(method: str, weight: tuple[float, ...]) -> list[float]:
     return [w / total for w in weight]
 
 
+def _check_weights(method: str, params: dict) -> None:
+    """Weights to be normalized must not sum to 0 (checked when the plan is built)."""
+    if params.get("normalize_weights", True):
+        _normalized(method, params["weight"])
+
+
 def _gram_pass(finish):
     """The one pass of both methods: the Gram matrix of the vectors, then `finish(job, G)`."""
 
@@ -102,6 +108,7 @@ def _multislerp(job, g: np.ndarray) -> list[float]:
     symmetric=True,
     self_merge={"normalize_weights": True},
     tolerance=2e-4,
+    check=_check_weights,
 )
 def multislerp(job, chunk):
     if job.n_models == 1:
@@ -184,6 +191,7 @@ def _karcher(job, g: np.ndarray) -> list[float]:
     symmetric=True,
     self_merge={},
     tolerance=2e-4,
+    check=_check_weights,
 )
 def karcher(job, chunk):
     if job.n_models == 1:

@@ -137,6 +137,7 @@ def task_vector_method(
         granule=sparsifier.granule if drops else None,
         base="required",
         random=drops and sparsifier.random,
+        check=sparsifier.check if drops else None,
         reference=reference,
         **properties,
     )(apply)

@@ -463,6 +463,15 @@ def _register_analyze() -> None:
 _register_analyze()
 
 
+def _register_lora() -> None:
+    from mmerge.lora.command import lora
+
+    cli.add_command(lora)
+
+
+_register_lora()
+
+
 def main() -> None:
     """Entry point of the `mmerge` console script."""
     cli(prog_name="mmerge")

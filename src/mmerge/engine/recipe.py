@@ -2,7 +2,8 @@
 
 Supported: merge_method, models (with per-model parameters), base_model, parameters (scalars,
 gradients, filter lists), dtype, out_dtype, slices (sources with layer_range), and
-tokenizer_source: base. Any other key is an error that names it, never silently ignored.
+tokenizer_source: base. A model may be `BASE+ADAPTER` (a PEFT LoRA adapter applied on read).
+Any other key is an error that names it, never silently ignored.
 """
 
 from __future__ import annotations
@@ -60,17 +61,41 @@ def _unknown(keys, allowed, where: str) -> None:
         )
 
 
-def _model_path(value: Any, root: Path) -> Path:
-    if not isinstance(value, str):
-        raise RecipeError(f"model must be a local path string, got {value!r}")
-    if "+" in value and not Path(value).exists():
-        raise RecipeError(f"model {value!r}: LoRA 'model+adapter' syntax is not supported")
+def _existing(value: str, root: Path) -> Path | None:
     for candidate in (Path(value), root / value):
         if candidate.exists():
             return candidate
-    raise RecipeError(
-        f"model {value!r} not found (mmerge reads local checkpoints; hub ids are not downloaded)"
-    )
+    return None
+
+
+def _model_path(value: Any, root: Path) -> Path:
+    if not isinstance(value, str):
+        raise RecipeError(f"model must be a local path string, got {value!r}")
+    found = _existing(value, root)
+    if found is None:
+        raise RecipeError(
+            f"model {value!r} not found (mmerge reads local checkpoints; hub ids are not "
+            "downloaded)"
+        )
+    return found
+
+
+def _adapter_split(value: Any, root: Path) -> tuple[Path, Path] | None:
+    """(base, adapter) for mergekit's `BASE+ADAPTER` spelling (a LoRA adapter applied while
+    streaming), or None for a plain model path."""
+    if not isinstance(value, str) or "+" not in value or _existing(value, root) is not None:
+        return None
+    splits = []
+    for i, char in enumerate(value):
+        if char != "+":
+            continue
+        base, adapter = _existing(value[:i], root), _existing(value[i + 1 :], root)
+        if base is not None and adapter is not None:
+            splits.append((base, adapter))
+    if len(splits) != 1:
+        why = "no split into an existing BASE and ADAPTER" if not splits else "ambiguous"
+        raise RecipeError(f"model {value!r}: not a path, and BASE+ADAPTER is {why}")
+    return splits[0]
 
 
 def _params(raw: Any, where: str, warnings: list[str]) -> dict[str, Any]:
@@ -88,18 +113,39 @@ def _params(raw: Any, where: str, warnings: list[str]) -> dict[str, Any]:
 
 
 class RecipeModels:
-    """Opens each distinct checkpoint of a recipe once."""
+    """Opens each distinct checkpoint of a recipe once; `BASE+ADAPTER` opens the base with the
+    adapter applied on read (no copy on disk)."""
 
     def __init__(self, root: Path) -> None:
-        self.root, self.opened = root, {}
+        self.root, self.opened, self.adapters = root, {}, []
 
     def get(self, value: Any):
+        split = _adapter_split(value, self.root)
+        if split is not None:
+            return self._adapted(*split)
+        return self._open(_model_path(value, self.root).resolve())
+
+    def _open(self, path: Path):
         from mmerge.io import open_checkpoint
 
-        path = _model_path(value, self.root).resolve()
         if path not in self.opened:
             self.opened[path] = open_checkpoint(path)
         return self.opened[path]
+
+    def _adapted(self, base: Path, adapter: Path):
+        from mmerge.io.adapter import open_adapter
+        from mmerge.lora.adapted import AdaptedCheckpoint
+
+        key = (base.resolve(), adapter.resolve())
+        if key not in self.opened:
+            opened = open_adapter(adapter)
+            self.adapters.append(opened.checkpoint)
+            self.opened[key] = AdaptedCheckpoint(self._open(key[0]), [opened])
+        return self.opened[key]
+
+    def checkpoints(self) -> list:
+        """Every opened checkpoint and adapter file (for provenance and the output checks)."""
+        return [*self.opened.values(), *self.adapters]
 
 
 def plan_recipe(
@@ -135,7 +181,7 @@ def plan_recipe(
             src = Source(
                 ckpt,
                 _params(entry.get("parameters"), f"models[{i}]", warnings),
-                label=str(ckpt.path),
+                label=getattr(ckpt, "label", str(ckpt.path)),
             )
             if ckpt is base_ckpt:
                 base_src = src  # mergekit lists the base among the models; it is not merged in
@@ -147,7 +193,7 @@ def plan_recipe(
     plan.warnings[:0] = warnings
     first = base_ckpt or next(iter(opened.opened.values()))
     copy_from = first.path if first.path.is_dir() else None
-    return plan, list(opened.opened.values()), copy_from, out_dtype
+    return plan, opened.checkpoints(), copy_from, out_dtype
 
 
 def _slice_plan(slices, method, base_ckpt, params, out_dtype, opened, warnings) -> Plan:
@@ -174,7 +220,9 @@ def _slice_plan(slices, method, base_ckpt, params, out_dtype, opened, warnings) 
             ):
                 raise RecipeError(f"{where}: layer_range must be [start, stop) with start < stop")
             source = Source(
-                ckpt, _params(src.get("parameters"), where, warnings), label=str(ckpt.path)
+                ckpt,
+                _params(src.get("parameters"), where, warnings),
+                label=getattr(ckpt, "label", str(ckpt.path)),
             )
             by_ckpt.setdefault(id(ckpt), source)
             entries.append((source, rng[0], rng[1]))

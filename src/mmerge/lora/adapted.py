@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ from mmerge.io.adapter import Adapter, LoraModule, TensorChange, bind
 from mmerge.io.dtypes import dtype_info, to_storage
 from mmerge.methods import lora as math_lora
 
-BLOCK_ELEMENTS = 1 << 20  # elements per row block when a large range is asked for at once
+GRID_ELEMENTS = 1 << 16  # elements per row block of the fixed grid every read is computed on
+RECENT_BLOCKS = 4  # grid blocks kept for the next chunk, which often starts inside the last one
 
 
 def factors(module: LoraModule) -> tuple[np.ndarray, np.ndarray]:
@@ -86,6 +88,8 @@ class AdaptedTensorRef:
         self.changes = list(changes)
         self.backend, self.device = backend, device
         self._rows, self._cols = _rows_and_cols(self.shape)
+        self._grid = max(1, GRID_ELEMENTS // max(self._cols, 1))
+        self._recent: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self._prepared: _Prepared | None = None
         self._column_norms: dict[int, Any] = {}
@@ -114,8 +118,11 @@ class AdaptedTensorRef:
     def read_float32(
         self, start: int = 0, stop: int | None = None, out: np.ndarray | None = None
     ) -> np.ndarray:
-        """Elements [start, stop) of the adapted tensor as flat float32 (into `out` when given),
-        computed over the whole rows that cover them, a bounded row block at a time."""
+        """Elements [start, stop) of the adapted tensor as flat float32 (into `out` when given).
+
+        Values are computed on a fixed grid of whole-row blocks, each always as one product of
+        the same shape, so an element has the same bits however the tensor is chunked.
+        """
         n = self.numel
         stop = n if stop is None else stop
         if not 0 <= start <= stop <= n:
@@ -124,18 +131,30 @@ class AdaptedTensorRef:
             out = np.empty(stop - start, np.float32)
         elif out.dtype != np.float32 or out.shape != (stop - start,):
             raise InvalidInput(f"{self.name}: out must be float32 of shape ({stop - start},)")
+        if stop == start:
+            return out
         prepared = self._prepare()
-        cols = self._cols
-        step = max(1, BLOCK_ELEMENTS // max(cols, 1)) * cols
-        pos = start
-        while pos < stop:
-            end = min(stop, pos + step)
-            r0, r1 = pos // cols, -(-end // cols)
-            block = self._host(self._block(prepared, r0, r1)).reshape(-1)
-            lo = pos - r0 * cols
-            out[pos - start : end - start] = block[lo : lo + end - pos]
-            pos = end
+        span = self._grid * self._cols
+        for g in range(start // span, -(-stop // span)):
+            block = self._grid_block(prepared, g)
+            lo, hi = max(start, g * span), min(stop, g * span + block.size)
+            out[lo - start : hi - start] = block[lo - g * span : hi - g * span]
         return out
+
+    def _grid_block(self, prepared: _Prepared, g: int) -> np.ndarray:
+        """Grid block g (rows g * grid ...) as flat host float32, from the recent ones if there."""
+        with self._lock:
+            block = self._recent.get(g)
+        if block is not None:
+            return block
+        r0 = g * self._grid
+        r1 = min(self._rows, r0 + self._grid)
+        block = self._host(self._block(prepared, r0, r1)).reshape(-1)
+        with self._lock:
+            self._recent[g] = block
+            while len(self._recent) > RECENT_BLOCKS:
+                self._recent.popitem(last=False)
+        return block
 
     def raw(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Elements [start, stop) rounded once to the base's dtype, as its storage elements."""
@@ -158,6 +177,7 @@ class AdaptedTensorRef:
         later read loads them again)."""
         with self._lock:
             self._prepared = None
+            self._recent.clear()
         self.base.release()
         for _, change in self.changes:
             for ref in _refs_of(change):
@@ -228,9 +248,8 @@ class AdaptedTensorRef:
 
         xp = namespace(term.left)
         total = np.zeros(self._cols, np.float64)
-        step = max(1, BLOCK_ELEMENTS // max(self._cols, 1))
-        for r0 in range(0, self._rows, step):
-            r1 = min(self._rows, r0 + step)
+        for r0 in range(0, self._rows, self._grid):
+            r1 = min(self._rows, r0 + self._grid)
             adapted = self._adapted_term(xp, term, self._base_rows(r0, r1), r0, r1)
             total += self._host(math_lora.column_sumsq(xp, adapted)).astype(np.float64)
         norms = self._xp_array(np.sqrt(total).astype(np.float32))

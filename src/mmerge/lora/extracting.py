@@ -14,6 +14,7 @@ the adapter written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -126,61 +127,76 @@ def _stage_specs(matrices: Sequence[_Matrix], others: Sequence[str]) -> list[Ten
 
 
 class _Delta:
-    """FT - BASE of one matrix, formed a row block at a time on the backend; the blocks are
-    kept between passes while they fit `cache_bytes`, else formed again on every pass."""
+    """FT - BASE of one matrix on the backend, formed a row block at a time from the memory
+    maps. A delta that fits `cache_bytes` is assembled once and kept as one matrix for the
+    later passes; a larger one is formed again, block by block, on every pass."""
 
     def __init__(self, base_ref, ft_ref, shape, put: Callable, cache_bytes: int):
         self.base, self.ft, self.put = base_ref, ft_ref, put
         self.m, self.n = shape
         self.step = max(1, BLOCK_ELEMENTS // max(self.n, 1))
         self.keep = 4 * self.m * self.n <= cache_bytes
-        self.cache: list | None = None
+        self.whole = None  # the kept delta, on the backend
         self.measured = False  # the first pass sums the squares
         self.sumsq = 0.0
 
-    def blocks(self):
-        if self.cache is not None:
-            yield from self.cache
-            return
-        first, kept = not self.measured, []
+    def _blocks(self, into: np.ndarray | None = None):
+        """(r0, r1, host block) over the rows; the blocks are views of `into` when given."""
         for r0 in range(0, self.m, self.step):
             r1 = min(self.m, r0 + self.step)
             s, e = r0 * self.n, r1 * self.n
-            d = np.subtract(
-                self.ft.read_float32(s, e), self.base.read_float32(s, e), dtype=np.float32
-            ).reshape(r1 - r0, self.n)
-            if first:
-                flat = d.reshape(-1)
-                self.sumsq += float(np.dot(flat, flat))
-            block = (r0, r1, self.put(d))
-            if self.keep:
-                kept.append(block)
-            yield block
+            out = None if into is None else into[r0:r1].reshape(-1)
+            d = np.subtract(self.ft.read_float32(s, e), self.base.read_float32(s, e), out=out)
+            if not self.measured:
+                self.sumsq += float(np.dot(d, d))
+            yield r0, r1, d.reshape(r1 - r0, self.n)
         self.measured = True
         self.base.release()
         self.ft.release()
-        if self.keep:
-            self.cache = kept
+
+    def _kept(self):
+        if self.whole is None and self.keep:
+            host = np.empty((self.m, self.n), np.float32)
+            for _ in self._blocks(host):
+                pass
+            self.whole = self.put(host)
+        return self.whole
 
     def matmul(self, xp, x):
-        return xp.concat([xp.matmul(d, x) for _, _, d in self.blocks()], axis=0)
+        whole = self._kept()
+        if whole is not None:
+            return xp.matmul(whole, x)
+        return xp.concat([xp.matmul(self.put(d), x) for _, _, d in self._blocks()], axis=0)
 
     def rmatmul(self, xp, y):
+        whole = self._kept()
+        if whole is not None:
+            return xp.matmul(xp.matrix_transpose(whole), y)
         total = None
-        for r0, r1, d in self.blocks():
-            part = xp.matmul(xp.matrix_transpose(d), y[r0:r1, :])
+        for r0, r1, d in self._blocks():
+            part = xp.matmul(xp.matrix_transpose(self.put(d)), y[r0:r1, :])
             total = part if total is None else total + part
         return total
+
+
+@functools.lru_cache(maxsize=8)
+def _test_matrix(n: int, width: int, seed: int) -> np.ndarray:
+    """The Gaussian test matrix of every n-column matrix (from the counter RNG, so every backend
+    starts from the same numbers; one per shape, as the sketch need not differ per tensor)."""
+    from mmerge.backend.rng import gaussian
+
+    omega = gaussian((n, width), seed=seed, name=f"mmerge.lora.sketch.{n}x{width}")
+    omega.flags.writeable = False
+    return omega
 
 
 def _extract_matrix(mat, base_ref, ft_ref, put, seed, power_iters, cache_bytes):
     """(left, right, singular values, squared norm) of one matrix's delta, on the host."""
     from mmerge.backend import namespace
-    from mmerge.backend.rng import gaussian
     from mmerge.backend.transfer import to_host
 
     delta = _Delta(base_ref, ft_ref, mat.shape, put, cache_bytes)
-    omega = put(gaussian((mat.shape[1], mat.width), seed=seed, name=mat.name))
+    omega = put(_test_matrix(mat.shape[1], mat.width, seed))
     xp = namespace(omega)
     y = delta.matmul(xp, omega)  # the first pass also sums the squares
     if delta.sumsq == 0.0:
@@ -446,10 +462,13 @@ def _write_adapter(
             for key, value in ((a_key, a), (b_key, b)):
                 writer.write(key, np.ascontiguousarray(value))
                 writer.finish_tensor(key)
+            staged[mat.name + ".left"].release()
+            staged[mat.name + ".right"].release()
         for name in saved_names:
             if PREFIX + name in pending:
                 writer.write(PREFIX + name, ft[name].raw())
                 writer.finish_tensor(PREFIX + name)
+                ft[name].release()
         r, rank_pattern, alpha_pattern = rank_settings({m: k for m, (_, k) in chosen.items()})
         config = peft_config(
             r=r,

@@ -33,7 +33,7 @@ from mmerge.io.adapter import (
 )
 from mmerge.io.layout import TensorSpec
 from mmerge.lora.adapted import factors
-from mmerge.lora.result import AdapterResult, ModuleReport, rank_settings
+from mmerge.lora.result import AdapterResult, ModuleReport, factor_dtype, rank_settings
 from mmerge.methods import lora as math_lora
 
 PathLike = str | os.PathLike
@@ -189,7 +189,7 @@ def combine(
         )
     if spec is not None:
         spec.resolve(len(adapters), {"weight": weights, **params})
-    out_code = _out_code(out_dtype)
+    out_code = factor_dtype(out_dtype)
     backend, device = resolve(backend, device)
     opened = [open_adapter(p) for p in adapters]
     try:
@@ -252,17 +252,6 @@ def combine(
     finally:
         for adapter in opened:
             adapter.close()
-
-
-def _out_code(out_dtype: str | None) -> str:
-    from mmerge.engine.plan import dtype_code
-
-    code = dtype_code(out_dtype) or "F32"
-    if code not in ("F32", "F16", "BF16", "F64"):
-        raise InvalidInput(
-            f"adapters are written as float64, float32, float16 or bfloat16, not {out_dtype}"
-        )
-    return code
 
 
 def _specs(modules: Mapping[str, _Module], carried: Mapping[str, FullTensor], code: str):

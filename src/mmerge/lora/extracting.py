@@ -29,7 +29,7 @@ import numpy as np
 from mmerge.errors import InvalidInput, PlanError
 from mmerge.io.adapter import PREFIX, factor_keys, peft_config
 from mmerge.io.layout import TensorSpec
-from mmerge.lora.result import AdapterResult, ModuleReport, rank_settings
+from mmerge.lora.result import AdapterResult, ModuleReport, factor_dtype, rank_settings
 from mmerge.methods import lora as math_lora
 
 PathLike = str | os.PathLike
@@ -263,7 +263,6 @@ def extract(
     """
     from mmerge.backend.transfer import resolve, to_backend
     from mmerge.io import open_checkpoint
-    from mmerge.lora.combining import _out_code
 
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise InvalidInput(f"rank must be a positive integer, got {rank!r}")
@@ -275,7 +274,7 @@ def extract(
         raise InvalidInput(f"epsilon must be in [0, 1), got {epsilon}")
     if oversample < 0 or power_iters < 0:
         raise InvalidInput("oversampling and power iterations must be >= 0")
-    out_code = _out_code(out_dtype)
+    out_code = factor_dtype(out_dtype)
     backend, device = resolve(backend, device)
     workers = max(1, workers or min(4, os.cpu_count() or 1))
     with open_checkpoint(base) as base_ckpt, open_checkpoint(finetuned) as ft_ckpt:

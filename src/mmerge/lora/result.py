@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmerge.errors import InvalidInput
+
 
 @dataclass(frozen=True)
 class ModuleReport:
@@ -54,3 +56,15 @@ def rank_settings(ranks: dict[str, int]) -> tuple[int, dict[str, int], dict[str,
     common = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {re.escape(m): k for m, k in ranks.items() if k != common}
     return common, pattern, dict(pattern)
+
+
+def factor_dtype(out_dtype: str | None) -> str:
+    """The safetensors code adapter factors are written in: float32 unless asked otherwise."""
+    from mmerge.engine.plan import dtype_code
+
+    code = dtype_code(out_dtype) or "F32"
+    if code not in ("F32", "F16", "BF16", "F64"):
+        raise InvalidInput(
+            f"adapters are written as float64, float32, float16 or bfloat16, not {out_dtype}"
+        )
+    return code

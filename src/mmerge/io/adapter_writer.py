@@ -73,7 +73,12 @@ class AdapterFolder:
     def scratch(self, name: str, specs: Iterable[TensorSpec], metadata: dict[str, str]):
         """A resumable safetensors file of intermediate results inside the partial folder."""
         writer = StreamingWriter(
-            self.partial / name, specs, metadata=metadata, resume=self.resume, layout="file"
+            self.partial / name,
+            specs,
+            metadata=metadata,
+            resume=self.resume,
+            layout="file",
+            overwrite=True,  # the partial folder is this writer's own
         )
         self._scratch.append(writer)
         return writer
@@ -81,7 +86,12 @@ class AdapterFolder:
     def tensors(self, specs: Iterable[TensorSpec], metadata: dict[str, str]) -> StreamingWriter:
         """The writer of `adapter_model.safetensors` (resumable like any output)."""
         self._writer = StreamingWriter(
-            self.partial / WEIGHTS_NAME, specs, metadata=metadata, resume=self.resume, layout="file"
+            self.partial / WEIGHTS_NAME,
+            specs,
+            metadata=metadata,
+            resume=self.resume,
+            layout="file",
+            overwrite=True,  # the partial folder is this writer's own
         )
         return self._writer
 

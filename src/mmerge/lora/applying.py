@@ -52,13 +52,15 @@ def apply(
     out_dtype: str | None = None,
     shard_size: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     dry_run: bool = False,
     on_progress=None,
 ) -> MergeResult:
     """Write `base` with `adapters` merged in: W + sum_i w_i s_i B_i A_i per row block in float32,
     rounded once to the output dtype (DoRA, embedding LoRA, lora_B biases and modules_to_save
     as PEFT merges them). The output is a checkpoint like the base: a folder with its config
-    and tokenizer files, or one file for a name ending in .safetensors."""
+    and tokenizer files, or one file for a name ending in .safetensors; an existing one is
+    replaced only with `overwrite`."""
     from mmerge.backend.transfer import resolve
 
     if isinstance(adapters, (str, os.PathLike)):
@@ -82,8 +84,8 @@ def apply(
             run=Execution(backend=backend, device=device, on_progress=on_progress),
             shard_size=shard_size,
             resume=resume,
+            overwrite=overwrite,
             dry_run=dry_run,
-            out_dtype=out_dtype,
         )
     finally:
         adapted.close()

@@ -81,9 +81,23 @@ def lora() -> None:
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("-w", "--weights", default=None, help="Per-adapter weights, e.g. 1,0.5 (default 1).")
 @click.option("--shard-size", default=None, metavar="SIZE", help="Maximum shard size (5GB, 500MB).")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing checkpoint at OUTPUT once done."
+)
 @common_options
 def apply_command(
-    base, adapters, weights, shard_size, output, backend, device, out_dtype, resume, dry_run, quiet
+    base,
+    adapters,
+    weights,
+    shard_size,
+    overwrite,
+    output,
+    backend,
+    device,
+    out_dtype,
+    resume,
+    dry_run,
+    quiet,
 ):
     """Merge ADAPTERS into BASE: W + sum_i w_i s_i B_i A_i, computed per row block in float32
     and rounded once (DoRA, embedding LoRA, lora_B biases and modules_to_save included).
@@ -105,6 +119,7 @@ def apply_command(
         out_dtype=out_dtype,
         shard_size=parse_size(shard_size) if shard_size else None,
         resume=resume,
+        overwrite=overwrite,
     )
 
     def total() -> int:

@@ -290,6 +290,9 @@ def test_apply_dry_run_and_out_dtype(family, adapter, tmp_path):
     )
     with open_checkpoint(tmp_path / "o.safetensors") as out:
         assert {r.dtype for r in out.values()} == {"BF16"}
+    again = invoke("lora", "apply", family["base"], adapter, "-o", tmp_path / "o.safetensors")
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    ok("lora", "apply", family["base"], adapter, "-o", tmp_path / "o.safetensors", "--overwrite")
 
 
 def test_recipe_base_plus_adapter_errors_name_the_problem(family, adapter, tmp_path):

@@ -290,9 +290,8 @@ class AdaptedTensorRef:
         xp = namespace(w)
         result = w
         if prepared.plain_left is not None:
-            result = result + math_lora.delta_rows(
-                xp, prepared.plain_left[r0:r1, :], prepared.plain_right
-            )
+            result = math_lora.delta_rows(xp, prepared.plain_left[r0:r1, :], prepared.plain_right)
+            result += w  # into the fresh product (libraries without in-place ops rebind)
         for term in prepared.terms:
             adapted = self._adapted_term(xp, term, w, r0, r1)
             if term.magnitude is not None:

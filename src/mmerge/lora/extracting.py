@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -142,11 +143,13 @@ class _Delta:
 
     def _blocks(self, into: np.ndarray | None = None):
         """(r0, r1, host block) over the rows; the blocks are views of `into` when given."""
+        ft_buf, base_buf = _scratch(0, self.step * self.n), _scratch(1, self.step * self.n)
         for r0 in range(0, self.m, self.step):
             r1 = min(self.m, r0 + self.step)
             s, e = r0 * self.n, r1 * self.n
             out = None if into is None else into[r0:r1].reshape(-1)
-            d = np.subtract(self.ft.read_float32(s, e), self.base.read_float32(s, e), out=out)
+            ft = self.ft.read_float32(s, e, out=ft_buf[: e - s])
+            d = np.subtract(ft, self.base.read_float32(s, e, out=base_buf[: e - s]), out=out)
             if not self.measured:
                 self.sumsq += float(np.dot(d, d))
             yield r0, r1, d.reshape(r1 - r0, self.n)
@@ -177,6 +180,21 @@ class _Delta:
             part = xp.matmul(xp.matrix_transpose(self.put(d)), y[r0:r1, :])
             total = part if total is None else total + part
         return total
+
+
+_local = threading.local()
+
+
+def _scratch(slot: int, n: int) -> np.ndarray:
+    """A float32 buffer of at least n elements owned by this thread, reused across blocks (a
+    fresh multi-megabyte array per block costs page faults)."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    buf = buffers.get(slot)
+    if buf is None or buf.size < n:
+        buf = buffers[slot] = np.empty(n, np.float32)
+    return buf
 
 
 @functools.lru_cache(maxsize=8)
@@ -347,6 +365,9 @@ def _run_stage(
 ):
     """Phase 1: factors at the largest rank for every pending matrix, and which other tensors
     changed, into the scratch file (tensors already there from an interrupted run are kept)."""
+    from mmerge.engine.allocator import keep_chunk_memory
+
+    keep_chunk_memory()
     pending = set(stage.pending())
     cache = CACHE_BYTES // workers
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from mmerge.cli import _numbers, _param_value, _run_with_progress, debug_option, human, parse_size
+from mmerge.cli import _numbers, _param_value, debug_option, human, parse_size
 
 
 def _weights(text: str | None, count: int) -> list[float] | None:
@@ -110,6 +110,7 @@ def apply_command(
       mmerge lora apply base/ adapter/ -o merged/
       mmerge lora apply base/ math/ code/ --weights 0.7,0.3 -o merged.safetensors
     """
+    from mmerge.lora.adapted import AdaptedTensorRef
     from mmerge.lora.applying import apply
 
     kwargs = dict(
@@ -122,12 +123,36 @@ def apply_command(
         overwrite=overwrite,
     )
 
-    def total() -> int:
-        return apply(base, list(adapters), output, dry_run=True, **kwargs).plan.bytes_written()
+    started = time.perf_counter()
+    bar = on_progress = None
+    if not dry_run and not quiet and sys.stderr.isatty():
+        from tqdm import tqdm
 
-    _run_with_progress(
-        lambda **kw: apply(base, list(adapters), output, **kw), total, quiet, dry_run, **kwargs
-    )
+        total = apply(base, list(adapters), output, dry_run=True, **kwargs).plan.bytes_written()
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="applying", leave=False)
+        on_progress = bar.update
+    try:
+        result = apply(
+            base, list(adapters), output, dry_run=dry_run, on_progress=on_progress, **kwargs
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if quiet:
+        return
+    adapted = sum(1 for item in result.plan.items if isinstance(item.sources[0], AdaptedTensorRef))
+    s = result.summary()
+    what = f"{adapted} of {s['tensors']} tensors adapted by {len(adapters)} adapter(s)"
+    if dry_run:
+        click.echo(what)
+        click.echo(f"bytes to read   {human(s['bytes_read'])}")
+        click.echo(f"bytes to write  {human(s['bytes_written'])}")
+        click.echo("dry run: nothing written")
+        return
+    secs = time.perf_counter() - started
+    click.echo(f"{what} in {secs:.1f} s ({human(s['bytes_written'])} written) -> {result.output}")
 
 
 @lora.command("combine")

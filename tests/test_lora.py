@@ -18,9 +18,9 @@ import mmerge.lora
 from mmerge.cli import cli
 from mmerge.errors import InvalidInput
 from mmerge.io import open_checkpoint
+from mmerge.io.adapted import AdaptedTensorRef
 from mmerge.io.adapter import parse_config, pattern_key
 from mmerge.lora import combining, extracting
-from mmerge.lora.adapted import AdaptedTensorRef
 from mmerge.testing import random_adapter, write_adapter, write_model_family
 
 P = "base_model.model."

@@ -145,8 +145,8 @@ class RecipeModels:
         return self.opened[path]
 
     def _adapted(self, base: Path, adapter: Path):
+        from mmerge.io.adapted import AdaptedCheckpoint
         from mmerge.io.adapter import open_adapter
-        from mmerge.lora.adapted import AdaptedCheckpoint
 
         key = (base.resolve(), adapter.resolve())
         if key not in self.opened:

@@ -1,5 +1,7 @@
 """Bytes on disk <-> host arrays: a validating, memory-mapped safetensors reader and a streaming,
-atomic, resumable writer (the profile is spec/format.md). This package never merges."""
+atomic, resumable writer (the profile is spec/format.md), and PEFT LoRA adapters read, written
+and applied on read (spec/lora.md; the math is mmerge.methods.lora's). This package never
+merges models."""
 
 from mmerge.io.checkpoint import Checkpoint, open_checkpoint
 from mmerge.io.dtypes import DTYPES

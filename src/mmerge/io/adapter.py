@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mmerge.errors import FormatError, InvalidInput
 from mmerge.io.checkpoint import Checkpoint, open_checkpoint
 from mmerge.io.tensor_ref import TensorRef
@@ -235,6 +237,15 @@ class LoraModule:
         """True when the base tensor holds the layer as (in, out) rows: embeddings (vocab x dim
         for a delta of B A of shape dim x vocab) and fan_in_fan_out (Conv1D) layers."""
         return self.kind == "embedding" or self.fan_in_fan_out
+
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(left, right) float32 host arrays with left @ right = B A in the orientation the base
+        stores the weight (the scale is not applied)."""
+        a = self.a.read_float32().reshape(self.a.shape)
+        b = self.b.read_float32().reshape(self.b.shape)
+        if self.stored_transposed:
+            return np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)
+        return np.array(b), np.array(a)
 
     def delta_shape(self) -> tuple[int, int]:
         """The shape of the delta as the base checkpoint stores the weight."""

@@ -23,8 +23,8 @@ def open_adapted(
 ):
     """The base checkpoint with `adapters` applied on read (validated from headers)."""
     from mmerge.io import open_checkpoint
+    from mmerge.io.adapted import AdaptedCheckpoint
     from mmerge.io.adapter import open_adapter
-    from mmerge.lora.adapted import AdaptedCheckpoint
 
     base_ckpt = open_checkpoint(base)
     opened = []

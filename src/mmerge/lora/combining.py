@@ -32,7 +32,6 @@ from mmerge.io.adapter import (
     peft_config,
 )
 from mmerge.io.layout import TensorSpec
-from mmerge.lora.adapted import factors
 from mmerge.lora.result import AdapterResult, ModuleReport, factor_dtype, rank_settings
 from mmerge.methods import lora as math_lora
 
@@ -294,7 +293,7 @@ def _combine_module(m: _Module, spec, weights, params, backend, device, oversamp
 
     pieces = []
     for _, w, lora in m.terms:
-        left, right = factors(lora)
+        left, right = lora.factors()
         scale = lora.scale if spec is not None else w * lora.scale
         pieces.append((put(left * np.float32(scale)), put(right)))
     xp = namespace(pieces[0][0])

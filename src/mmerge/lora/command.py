@@ -110,7 +110,7 @@ def apply_command(
       mmerge lora apply base/ adapter/ -o merged/
       mmerge lora apply base/ math/ code/ --weights 0.7,0.3 -o merged.safetensors
     """
-    from mmerge.lora.adapted import AdaptedTensorRef
+    from mmerge.io.adapted import AdaptedTensorRef
     from mmerge.lora.applying import apply
 
     kwargs = dict(

@@ -24,22 +24,12 @@ from typing import Any
 import numpy as np
 
 from mmerge.errors import InvalidInput
-from mmerge.io.adapter import Adapter, LoraModule, TensorChange, bind
+from mmerge.io.adapter import Adapter, TensorChange, bind
 from mmerge.io.dtypes import dtype_info, to_storage
 from mmerge.methods import lora as math_lora
 
 GRID_ELEMENTS = 1 << 17  # elements per row block of the fixed grid every read is computed on
 RECENT_BLOCKS = 4  # grid blocks kept for the next chunk, which often starts inside the last one
-
-
-def factors(module: LoraModule) -> tuple[np.ndarray, np.ndarray]:
-    """(left, right) float32 with left @ right = B A in the base tensor's stored orientation
-    (the scale is not applied)."""
-    a = module.a.read_float32().reshape(module.a.shape)
-    b = module.b.read_float32().reshape(module.b.shape)
-    if module.stored_transposed:
-        return np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)
-    return np.array(b), np.array(a)
 
 
 def _rows_and_cols(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -214,13 +204,13 @@ class AdaptedTensorRef:
             lora, bias_of = change.lora, change.bias_of
             dora = lora is not None and lora.magnitude is not None
             if lora is not None and change.full is None and not dora:
-                left, right = factors(lora)
+                left, right = lora.factors()
                 plain_left.append(left * np.float32(weight * lora.scale))
                 plain_right.append(right)
                 continue
             term = _Term(weight=weight, full=change.full.ref if change.full else None)
             if lora is not None:
-                left, right = factors(lora)
+                left, right = lora.factors()
                 term.left = self._xp_array(left * np.float32(lora.scale))
                 term.right = self._xp_array(right)
                 if dora:

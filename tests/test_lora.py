@@ -273,6 +273,19 @@ def test_apply_resumes_after_an_interruption(family, adapter, tmp_path, monkeypa
     assert out.read_bytes() == clean.read_bytes()
 
 
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_apply_on_other_backends_matches_numpy(family, adapter, tmp_path, backend):
+    from mmerge.backend.transfer import available
+
+    if not available(backend)[0]:
+        pytest.skip(f"{backend} is not usable here")
+    mmerge.lora.apply(family["base"], [adapter], tmp_path / "np.safetensors")
+    mmerge.lora.apply(family["base"], [adapter], tmp_path / "o.safetensors", backend=backend)
+    a, b = load(tmp_path / "np.safetensors"), load(tmp_path / "o.safetensors")
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=0, atol=1e-6 * np.max(np.abs(a[name])))
+
+
 def test_apply_dry_run_and_out_dtype(family, adapter, tmp_path):
     result = ok("lora", "apply", family["base"], adapter, "-o", tmp_path / "out", "--dry-run")
     assert "dry run: nothing written" in result.output

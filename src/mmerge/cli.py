@@ -90,8 +90,8 @@ class _Group(click.Group):
 
 def _resumable(ctx: click.Context) -> bool:
     """True when the interrupted subcommand takes --resume."""
-    sub = ctx.protected_args[:1] or ctx.args[:1]
-    command = ctx.command.get_command(ctx, sub[0]) if sub else None  # type: ignore[attr-defined]
+    name = ctx.invoked_subcommand
+    command = ctx.command.get_command(ctx, name) if name else None  # type: ignore[attr-defined]
     return command is not None and any(p.name == "resume" for p in command.params)
 
 
@@ -284,8 +284,9 @@ def _run_with_progress(fn, total_fn, quiet: bool, dry_run: bool, **kwargs):
 @click.option(
     "--out-dtype",
     default=None,
-    help="Output dtype (bfloat16, float16, float32); default: the inputs' dtype, or one that "
-    "holds every input dtype when they differ (float32 for float16 with bfloat16).",
+    help="Output dtype (bfloat16, float16, float32; fp8 requantizes quantized inputs with "
+    "fresh block scales); default: the inputs' dtype, or one that holds every input dtype "
+    "when they differ (float32 for float16 with bfloat16); bfloat16 for dequantized fp8.",
 )
 @execution_options
 def stream(

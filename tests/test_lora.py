@@ -20,7 +20,7 @@ from mmerge.errors import InvalidInput
 from mmerge.io import open_checkpoint
 from mmerge.io.adapted import AdaptedTensorRef
 from mmerge.io.adapter import parse_config, pattern_key
-from mmerge.lora import combining, extracting
+from mmerge.lora import applying, combining, extracting
 from mmerge.testing import random_adapter, write_adapter, write_model_family
 
 P = "base_model.model."
@@ -567,3 +567,20 @@ def test_invalid_library_arguments_are_clear(family, adapter, tmp_path):
         mmerge.lora.combine([adapter], tmp_path / "o", method="slerp")
     with pytest.raises(InvalidInput, match="rank rule"):
         mmerge.lora.extract(family["base"], family["ft1"], tmp_path / "o", rank=2, rank_rule="x")
+
+
+@pytest.mark.parametrize("command", ["apply", "combine", "extract"])
+def test_ctrl_c_in_a_lora_command_hints_at_resume(family, adapter, command, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    module = {"apply": applying, "combine": combining, "extract": extracting}[command]
+    monkeypatch.setattr(module, command, interrupted)
+    args = {
+        "apply": (family["base"], adapter),
+        "combine": (adapter,),
+        "extract": (family["base"], family["ft1"], "--rank", 2),
+    }[command]
+    result = invoke("lora", command, *args, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 130
+    assert result.output == "interrupted; run the same command with --resume to continue\n"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from mmerge.cli import _numbers, _param_value, debug_option, human, parse_size
+from mmerge.cli import _Group, _numbers, _param_value, debug_option, human, parse_size
 
 
 def _weights(text: str | None, count: int) -> list[float] | None:
@@ -62,7 +62,7 @@ overwrite_option = click.option(
 )
 
 
-@click.group("lora")
+@click.group("lora", cls=_Group)
 def lora() -> None:
     """Apply, combine and extract PEFT LoRA adapters (adapter_config.json plus
     adapter_model.safetensors), exactly and streamed.

@@ -17,11 +17,16 @@ from click.testing import CliRunner
 import mmerge.lora
 from mmerge.cli import cli
 from mmerge.errors import InvalidInput
-from mmerge.io import open_checkpoint
+from mmerge.io import QuantizedRef, open_checkpoint
 from mmerge.io.adapted import AdaptedTensorRef
 from mmerge.io.adapter import parse_config, pattern_key
 from mmerge.lora import applying, combining, extracting
-from mmerge.testing import random_adapter, write_adapter, write_model_family
+from mmerge.testing import (
+    random_adapter,
+    write_adapter,
+    write_fp8_model_family,
+    write_model_family,
+)
 
 P = "base_model.model."
 
@@ -306,6 +311,102 @@ def test_apply_dry_run_and_out_dtype(family, adapter, tmp_path):
     again = invoke("lora", "apply", family["base"], adapter, "-o", tmp_path / "o.safetensors")
     assert again.exit_code == 2 and "--overwrite" in again.output
     ok("lora", "apply", family["base"], adapter, "-o", tmp_path / "o.safetensors", "--overwrite")
+
+
+@pytest.fixture(scope="module")
+def fp8_family(tmp_path_factory):
+    """A DeepSeek-style fp8 base (128x128 block scales), a rank-4 adapter on its linears and a
+    dense fp8 fine-tune of the base."""
+    root = tmp_path_factory.mktemp("lora-fp8")
+    paths = write_fp8_model_family(root, hidden=128, intermediate=256, layers=2, n_finetunes=1)
+    adapter = random_adapter(paths["base"], root / "adapter", rank=4, alpha=8)
+    return paths["base"], adapter, paths["ft1"]
+
+
+def adapted_reference(base, adapter) -> dict[str, np.ndarray]:
+    """The dequantized base plus (alpha / r) B A of every adapted module, in float64."""
+    want = load(base)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    factors = load(adapter)
+    for key, a in factors.items():
+        if key.endswith(".lora_A.weight"):
+            b = factors[key.replace("lora_A", "lora_B")]
+            name = key.removeprefix(P).replace(".lora_A.weight", ".weight")
+            want[name] = want[name] + config["lora_alpha"] / config["r"] * (b @ a)
+    return want
+
+
+def test_adapter_on_an_fp8_base_applies_to_the_dequantized_values(fp8_family, tmp_path):
+    base, adapter, _ = fp8_family
+    want = adapted_reference(base, adapter)
+    ok("lora", "apply", base, adapter, "-o", tmp_path / "out", "-q")
+    got = load(tmp_path / "out")
+    assert set(got) == set(want)
+    for name, value in got.items():
+        bound = 2.0**-8 * np.abs(want[name]) * (1 + 1e-4) + 1e-30
+        assert np.all(np.abs(value - want[name]) <= bound), name
+    with open_checkpoint(tmp_path / "out") as out:
+        assert {r.dtype for r in out.values()} == {"BF16"}
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config
+
+
+def test_adapter_on_an_fp8_base_requantizes_with_out_dtype_fp8(fp8_family, tmp_path):
+    """--out-dtype fp8: the quantized weights, adapted or not, written as fp8 with fresh block
+    scales (within one fp8 rounding of the adapted values); a recipe BASE+ADAPTER gives the
+    same bytes."""
+    base, adapter, _ = fp8_family
+    want = adapted_reference(base, adapter)
+    ok("lora", "apply", base, adapter, "-o", tmp_path / "out", "--out-dtype", "fp8", "-q")
+    with open_checkpoint(tmp_path / "out", dequantize=False) as raw, open_checkpoint(base) as b:
+        quantized = [n for n, r in b.items() if isinstance(r, QuantizedRef)]
+        assert quantized and all(raw[n].dtype == "F8_E4M3" for n in quantized)
+        assert all(n + "_scale_inv" in raw for n in quantized)
+    got = load(tmp_path / "out")
+    changed = 0
+    for name in quantized:
+        floor = np.abs(want[name]).max() / 448 * 2.0**-9
+        err = np.abs(got[name] - want[name])
+        assert np.all(err <= 2.0**-4 * np.abs(want[name]) + floor), name
+        changed += "proj" in name
+    assert changed == 14
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "fp8"
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "out_dtype": "fp8",
+                "models": [{"model": f"{base}+{adapter}"}],
+            }
+        )
+    )
+    ok("run", recipe, "-o", tmp_path / "via-recipe", "-q")
+    with (
+        open_checkpoint(tmp_path / "out", dequantize=False) as a,
+        open_checkpoint(tmp_path / "via-recipe", dequantize=False) as b,
+    ):
+        assert {n: r.dtype for n, r in a.items()} == {n: r.dtype for n, r in b.items()}
+        for name, ref in a.items():
+            np.testing.assert_array_equal(ref.raw(), b[name].raw(), err_msg=name)
+
+
+def test_extract_from_fp8_models_reads_their_dequantized_values(fp8_family, tmp_path):
+    """At full rank (128) the adapter holds the whole delta: applied, it restores the fp8
+    fine-tune within one bf16 rounding. Adapters themselves are not written in fp8."""
+    base, adapter, ft = fp8_family
+    ok("lora", "extract", base, ft, "--rank", 128, "-o", tmp_path / "ad", "-q")
+    ok("lora", "apply", base, tmp_path / "ad", "-o", tmp_path / "back", "-q")
+    want, got = load(ft), load(tmp_path / "back")
+    for name, value in want.items():
+        err = np.max(np.abs(got[name] - value))
+        assert err <= 2.0**-8 * np.max(np.abs(value)), (name, err)
+    for command in (("combine", adapter), ("extract", base, ft, "--rank", 2)):
+        result = invoke("lora", *command, "-o", tmp_path / "o", "--out-dtype", "fp8")
+        assert result.exit_code == 2
+        assert "not fp8 (fp8 output is for `lora apply`" in result.output
+        assert not (tmp_path / "o").exists()
 
 
 def test_recipe_base_plus_adapter_errors_name_the_problem(family, adapter, tmp_path):

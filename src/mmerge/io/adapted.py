@@ -382,6 +382,11 @@ class AdaptedCheckpoint(Mapping):
     def nbytes(self) -> int:
         return self.base.nbytes
 
+    @property
+    def quantization(self):
+        """The base's fp8 scheme, if any (its adapted tensors are read as dequantized values)."""
+        return getattr(self.base, "quantization", None)
+
     def header_digest(self) -> str:
         """sha256 over the base's and each adapter's header digests and the weights."""
         h = hashlib.sha256(self.base.header_digest().encode())

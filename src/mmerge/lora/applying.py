@@ -9,6 +9,7 @@ from pathlib import Path
 from mmerge.engine.api import MergeResult, execute_plan
 from mmerge.engine.execute import Execution
 from mmerge.engine.plan import Source, build_plan
+from mmerge.engine.quantized_output import plan_dtype, requantize, wants_fp8
 
 PathLike = str | os.PathLike
 
@@ -58,9 +59,10 @@ def apply(
 ) -> MergeResult:
     """Write `base` with `adapters` merged in: W + sum_i w_i s_i B_i A_i per row block in float32,
     rounded once to the output dtype (DoRA, embedding LoRA, lora_B biases and modules_to_save
-    as PEFT merges them). The output is a checkpoint like the base: a folder with its config
-    and tokenizer files, or one file for a name ending in .safetensors; an existing one is
-    replaced only with `overwrite`."""
+    as PEFT merges them). An fp8 base is read as its dequantized values; `out_dtype="fp8"`
+    requantizes its quantized weights with fresh block scales. The output is a checkpoint like
+    the base: a folder with its config and tokenizer files, or one file for a name ending in
+    .safetensors; an existing one is replaced only with `overwrite`."""
     from mmerge.backend.transfer import resolve
 
     if isinstance(adapters, (str, os.PathLike)):
@@ -68,7 +70,9 @@ def apply(
     backend, device = resolve(backend, device)
     adapted = open_adapted(base, adapters, weights, backend=backend, device=device)
     plan = build_plan(
-        [Source(adapted, {}, label=adapted.label)], method="passthrough", out_dtype=out_dtype
+        [Source(adapted, {}, label=adapted.label)],
+        method="passthrough",
+        out_dtype=plan_dtype(out_dtype),
     )
     plan.parameters = {
         "lora_adapters": [str(a.path) for a in adapted.adapters],
@@ -76,6 +80,8 @@ def apply(
     }
     folder = Path(base)
     try:
+        if wants_fp8(out_dtype):
+            requantize(plan, [adapted], folder)
         return execute_plan(
             plan,
             [adapted, *(a.checkpoint for a in adapted.adapters)],

@@ -39,7 +39,10 @@ def common_options(f):
         ),
         click.option("--device", default=None, help="cpu or cuda (default: the backend's own)."),
         click.option(
-            "--out-dtype", default=None, help="Output dtype (bfloat16, float16, float32)."
+            "--out-dtype",
+            default=None,
+            help="Output dtype (bfloat16, float16, float32; for apply on an fp8 base also fp8, "
+            "which requantizes its fp8 weights with fresh block scales).",
         ),
         click.option(
             "--resume", is_flag=True, help="Continue an interrupted run from what it wrote."

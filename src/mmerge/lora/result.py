@@ -61,7 +61,13 @@ def rank_settings(ranks: dict[str, int]) -> tuple[int, dict[str, int], dict[str,
 def factor_dtype(out_dtype: str | None) -> str:
     """The safetensors code adapter factors are written in: float32 unless asked otherwise."""
     from mmerge.engine.plan import dtype_code
+    from mmerge.engine.quantized_output import wants_fp8
 
+    if wants_fp8(out_dtype):
+        raise InvalidInput(
+            "adapters are written as float64, float32, float16 or bfloat16, not fp8 (fp8 "
+            "output is for `lora apply` on an fp8 base)"
+        )
     code = dtype_code(out_dtype) or "F32"
     if code not in ("F32", "F16", "BF16", "F64"):
         raise InvalidInput(

@@ -257,6 +257,26 @@ def test_adapted_refs_read_any_element_range_like_the_whole(family, adapter):
         np.testing.assert_array_equal(ref.read_float32(), whole)
 
 
+def test_adapted_refs_send_their_float32_values_to_the_device(tmp_path):
+    """The engine moves an adapted ref's values, not the base's stored bits nor their rounding
+    to the base's dtype: a float32 output of a BF16 base holds W + s B A unrounded."""
+    paths = write_model_family(
+        tmp_path, hidden=16, intermediate=24, layers=1, vocab=40, n_finetunes=0, dtype="BF16"
+    )
+    adapter = random_adapter(paths["base"], tmp_path / "ad", rank=4, alpha=8, scale=0.2)
+    out = tmp_path / "out.safetensors"
+    mmerge.lora.apply(paths["base"], [adapter], out, out_dtype="float32")
+    name = "model.layers.0.mlp.down_proj.weight"
+    with applying.open_adapted(paths["base"], [adapter]) as adapted, open_checkpoint(out) as got:
+        ref = adapted[name]
+        values, dtype = ref.transfer(3, 50)
+        assert dtype.code == "F32"
+        np.testing.assert_array_equal(values, ref.read_float32(3, 50))
+        want = ref.read_float32()
+        assert not np.array_equal(want, ref.raw().view(np.uint16).astype(np.uint32) << 16)
+        np.testing.assert_array_equal(got[name].read_float32(), want)
+
+
 def test_apply_resumes_after_an_interruption(family, adapter, tmp_path, monkeypatch):
     clean = tmp_path / "clean.safetensors"
     mmerge.lora.apply(family["base"], [adapter], clean)
@@ -280,7 +300,7 @@ def test_apply_resumes_after_an_interruption(family, adapter, tmp_path, monkeypa
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_apply_on_other_backends_matches_numpy(family, adapter, tmp_path, backend):
-    from mmerge.backend.transfer import available
+    from mmerge.backend import available
 
     if not available(backend)[0]:
         pytest.skip(f"{backend} is not usable here")
@@ -610,7 +630,7 @@ def test_extract_resumes_after_an_interruption(family, low_rank_family, tmp_path
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_extract_gives_the_same_adapter_on_other_backends(family, tmp_path, backend):
-    from mmerge.backend.transfer import available
+    from mmerge.backend import available
 
     if not available(backend)[0]:
         pytest.skip(f"{backend} is not usable here")

@@ -6,7 +6,8 @@ DoRA's magnitude / norm times that (row norms from the same block; column norms,
 and fan_in_fan_out layers, from one pass over the rows on first use), W + s_i b_i for a lora_B
 bias, or the adapter's whole tensor (modules_to_save). Plain LoRA terms are summed in one product
 of stacked factors; everything is float32 and rounded once, to the output dtype, by the writer.
-The refs read and release like checkpoint tensor refs, so the engine streams them unchanged.
+The refs read and release like checkpoint tensor refs, so the engine streams them unchanged: they
+compute on a backend object and send the engine their adapted float32 values.
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mmerge.errors import InvalidInput
 from mmerge.io.adapter import Adapter, TensorChange, bind
-from mmerge.io.dtypes import dtype_info, to_storage
+from mmerge.io.dtypes import DTYPES, DType, dtype_info, to_storage
 from mmerge.methods import lora as math_lora
+
+if TYPE_CHECKING:
+    from mmerge.backend.base import Backend
 
 GRID_ELEMENTS = 1 << 17  # elements per row block of the fixed grid every read is computed on
 RECENT_BLOCKS = 4  # grid blocks kept for the next chunk, which often starts inside the last one
@@ -64,20 +68,15 @@ class _Prepared:
 
 
 class AdaptedTensorRef:
-    """A base tensor with adapters applied on read; name, dtype and shape are the base's."""
+    """A base tensor with adapters applied on read, computed on the backend object `on`; name,
+    dtype and shape are the base's."""
 
-    def __init__(
-        self,
-        base_ref,
-        changes: Sequence[tuple[float, TensorChange]],
-        backend: str = "numpy",
-        device: str | None = None,
-    ):
+    def __init__(self, base_ref, changes: Sequence[tuple[float, TensorChange]], on: Backend):
         self.base = base_ref
         self.name = base_ref.name
         self.shape = tuple(base_ref.shape)
         self.changes = list(changes)
-        self.backend, self.device = backend, device
+        self.on = on
         self._rows, self._cols = _rows_and_cols(self.shape)
         self._grid = max(1, GRID_ELEMENTS // max(self._cols, 1))
         self._recent: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -140,12 +139,17 @@ class AdaptedTensorRef:
             return block
         r0 = g * self._grid
         r1 = min(self._rows, r0 + self._grid)
-        block = self._host(self._block(prepared, r0, r1)).reshape(-1)
+        block = self.on.to_host(self._block(prepared, r0, r1)).reshape(-1)
         with self._lock:
             self._recent[g] = block
             while len(self._recent) > RECENT_BLOCKS:
                 self._recent.popitem(last=False)
         return block
+
+    def transfer(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, DType]:
+        """Elements [start, stop) as they travel to a compute device, and their dtype: the
+        adapted float32 values (never the base's stored bits, nor a rounding of the result)."""
+        return self.read_float32(start, stop), DTYPES["F32"]
 
     def raw(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Elements [start, stop) rounded once to the base's dtype, as its storage elements."""
@@ -176,21 +180,6 @@ class AdaptedTensorRef:
 
     # -- computing ----------------------------------------------------------------------------
 
-    def _xp_array(self, host: np.ndarray):
-        host = np.ascontiguousarray(host, dtype=np.float32)
-        if self.backend == "numpy":
-            return host
-        from mmerge.backend.transfer import to_backend
-
-        return to_backend(host, self.backend, self.device)
-
-    def _host(self, x) -> np.ndarray:
-        if isinstance(x, np.ndarray):
-            return x
-        from mmerge.backend.transfer import to_host
-
-        return np.asarray(to_host(x), dtype=np.float32)
-
     def _prepare(self) -> _Prepared:
         single_threaded_blas()
         with self._lock:
@@ -211,23 +200,23 @@ class AdaptedTensorRef:
             term = _Term(weight=weight, full=change.full.ref if change.full else None)
             if lora is not None:
                 left, right = lora.factors()
-                term.left = self._xp_array(left * np.float32(lora.scale))
-                term.right = self._xp_array(right)
+                term.left = self.on.from_host(left * np.float32(lora.scale))
+                term.right = self.on.from_host(right)
                 if dora:
                     magnitude = lora.magnitude.read_float32()
-                    term.magnitude = self._xp_array(magnitude)
+                    term.magnitude = self.on.from_host(magnitude)
             if bias_of is not None:
                 vector = bias_of.bias.read_float32() * np.float32(bias_of.scale)
                 if change.full is None and lora is None:  # a bias is one row: 1 x (w s b)
                     plain_left.append(np.ones((1, 1), np.float32))
                     plain_right.append((vector * np.float32(weight)).reshape(1, -1))
                     continue
-                term.vector = self._xp_array(vector.reshape(1, -1))
+                term.vector = self.on.from_host(vector.reshape(1, -1))
             terms.append((k, term))
         left = right = None
         if plain_left:
-            left = self._xp_array(np.concatenate(plain_left, 1))
-            right = self._xp_array(np.concatenate(plain_right, 0))
+            left = self.on.from_host(np.concatenate(plain_left, 1))
+            right = self.on.from_host(np.concatenate(plain_right, 0))
         only = [t for _, t in terms]
         direct = left is None and len(only) == 1 and only[0].weight == 1.0
         for k, term in terms:
@@ -241,29 +230,27 @@ class AdaptedTensorRef:
         fan_in_fan_out layer, whose units are the stored columns)."""
         if k in self._column_norms:
             return self._column_norms[k]
-        from mmerge.backend import namespace
-
-        xp = namespace(term.left)
+        xp = self.on.xp
         total = np.zeros(self._cols, np.float64)
         for r0 in range(0, self._rows, self._grid):
             r1 = min(self._rows, r0 + self._grid)
             adapted = self._adapted_term(xp, term, self._base_rows(r0, r1), r0, r1)
-            total += self._host(math_lora.column_sumsq(xp, adapted)).astype(np.float64)
-        norms = self._xp_array(np.sqrt(total).astype(np.float32))
+            total += self.on.to_host(math_lora.column_sumsq(xp, adapted)).astype(np.float64)
+        norms = self.on.from_host(np.sqrt(total).astype(np.float32))
         self._column_norms[k] = norms
         return norms
 
     def _base_rows(self, r0: int, r1: int):
         cols = self._cols
         host = self.base.read_float32(r0 * cols, r1 * cols).reshape(r1 - r0, cols)
-        return self._xp_array(host)
+        return self.on.from_host(host)
 
     def _adapted_term(self, xp, term: _Term, w_rows, r0: int, r1: int):
         """T's rows [r0, r1) before DoRA's rescaling: the replacement (or W) plus the delta."""
         cols = self._cols
         if term.full is not None:
             host = term.full.read_float32(r0 * cols, r1 * cols).reshape(r1 - r0, cols)
-            rows = self._xp_array(host)
+            rows = self.on.from_host(host)
         else:
             rows = w_rows
         if term.left is not None:
@@ -274,10 +261,8 @@ class AdaptedTensorRef:
 
     def _block(self, prepared: _Prepared, r0: int, r1: int):
         """Rows [r0, r1) of the adapted tensor as a (r1 - r0, cols) float32 backend array."""
-        from mmerge.backend import namespace
-
         w = self._base_rows(r0, r1)
-        xp = namespace(w)
+        xp = self.on.xp
         result = w
         if prepared.plain_left is not None:
             result = math_lora.delta_rows(xp, prepared.plain_left[r0:r1, :], prepared.plain_right)
@@ -335,6 +320,9 @@ class AdaptedCheckpoint(Mapping):
         device: str | None = None,
         owns_base: bool = False,
     ):
+        from mmerge import backend as backends
+
+        on = backends.get(backend, device)
         weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
         if not adapters:
             raise InvalidInput("no adapters given")
@@ -358,11 +346,7 @@ class AdaptedCheckpoint(Mapping):
                 per_tensor.setdefault(name, []).append((w, change))
         self.changed = list(per_tensor)
         self._refs = {
-            name: (
-                AdaptedTensorRef(ref, per_tensor[name], backend, device)
-                if name in per_tensor
-                else ref
-            )
+            name: (AdaptedTensorRef(ref, per_tensor[name], on) if name in per_tensor else ref)
             for name, ref in base.items()
         }
 

@@ -63,7 +63,7 @@ def apply(
     requantizes its quantized weights with fresh block scales. The output is a checkpoint like
     the base: a folder with its config and tokenizer files, or one file for a name ending in
     .safetensors; an existing one is replaced only with `overwrite`."""
-    from mmerge.backend.transfer import resolve
+    from mmerge.backend import resolve
 
     if isinstance(adapters, (str, os.PathLike)):
         adapters = [adapters]

@@ -168,8 +168,7 @@ def combine(
     sets the re-extracted rank (task-vector methods, default: the sum of the ranks); `params`
     are the method's other parameters (density, seed, ...). Reports the energy kept per module.
     """
-    from mmerge.backend import namespace
-    from mmerge.backend.transfer import resolve
+    from mmerge import backend as backends
 
     if isinstance(adapters, (str, os.PathLike)):
         adapters = [adapters]
@@ -189,7 +188,7 @@ def combine(
     if spec is not None:
         spec.resolve(len(adapters), {"weight": weights, **params})
     out_code = factor_dtype(out_dtype)
-    backend, device = resolve(backend, device)
+    on = backends.get(backend, device)
     opened = [open_adapter(p) for p in adapters]
     try:
         modules = _modules(opened, weights)
@@ -222,11 +221,10 @@ def combine(
                 if a_key not in pending and b_key not in pending:
                     continue
                 low, energy = _combine_module(
-                    m, spec, weights, params, backend, device, oversample, power_iters, seed
+                    m, spec, weights, params, on, oversample, power_iters, seed
                 )
                 result.modules[m.module] = ModuleReport(m.module, m.rank, energy)
-                xp = namespace(low.left)
-                a, b = _peft_factors(xp, m, low)
+                a, b = _peft_factors(on, m, low)
                 writer.write(a_key, a)
                 writer.write(b_key, b)
                 writer.finish_tensor(a_key)
@@ -282,21 +280,17 @@ def _metadata(adapters, weights, method, rank, params) -> dict[str, str]:
     }
 
 
-def _combine_module(m: _Module, spec, weights, params, backend, device, oversample, power, seed):
-    """(low-rank result, share of the combined delta's energy kept) for one module."""
-    from mmerge.backend import namespace
+def _combine_module(m: _Module, spec, weights, params, on, oversample, power, seed):
+    """(low-rank result, share of the combined delta's energy kept) for one module, computed
+    on the backend object `on`."""
     from mmerge.backend.rng import gaussian
-    from mmerge.backend.transfer import to_backend
-
-    def put(host: np.ndarray):
-        return to_backend(np.ascontiguousarray(host, np.float32), backend, device)
 
     pieces = []
     for _, w, lora in m.terms:
         left, right = lora.factors()
         scale = lora.scale if spec is not None else w * lora.scale
-        pieces.append((put(left * np.float32(scale)), put(right)))
-    xp = namespace(pieces[0][0])
+        pieces.append((on.from_host(left * np.float32(scale)), on.from_host(right)))
+    xp = on.xp
     if spec is None:
         left = xp.concat([p[0] for p in pieces], axis=1)
         right = xp.concat([p[1] for p in pieces], axis=0)
@@ -310,7 +304,7 @@ def _combine_module(m: _Module, spec, weights, params, backend, device, oversamp
     merged = _merged_delta(xp, m, pieces, spec, weights, params)
     total = float(xp.sum(merged * merged))
     width = math_lora.sketch_width(m.rank, oversample, m.shape)
-    omega = put(gaussian((m.shape[1], width), seed=seed, name=m.tensor_name))
+    omega = on.from_host(gaussian((m.shape[1], width), seed=seed, name=m.tensor_name))
     low = math_lora.randomized_svd(
         xp,
         lambda x: xp.matmul(merged, x),
@@ -341,11 +335,9 @@ def _merged_delta(xp, m: _Module, pieces, spec, weights, params):
     return spec(deltas, base=base, tensor_name=m.tensor_name, weight=list(weights), **params)
 
 
-def _peft_factors(xp, m: _Module, low) -> tuple[np.ndarray, np.ndarray]:
+def _peft_factors(on, m: _Module, low) -> tuple[np.ndarray, np.ndarray]:
     """(A, B) host arrays in PEFT's orientation from left @ right (the stored delta)."""
-    from mmerge.backend.transfer import to_host
-
-    left, right = to_host(low.left), to_host(low.right)
+    left, right = on.to_host(low.left), on.to_host(low.right)
     if m.stored_transposed:
         return np.ascontiguousarray(left.T), np.ascontiguousarray(right.T)
     return right, left

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -128,12 +127,12 @@ def _stage_specs(matrices: Sequence[_Matrix], others: Sequence[str]) -> list[Ten
 
 
 class _Delta:
-    """FT - BASE of one matrix on the backend, formed a row block at a time from the memory
-    maps. A delta that fits `cache_bytes` is assembled once and kept as one matrix for the
-    later passes; a larger one is formed again, block by block, on every pass."""
+    """FT - BASE of one matrix on the backend object `on`, formed a row block at a time from
+    the memory maps. A delta that fits `cache_bytes` is assembled once and kept as one matrix
+    for the later passes; a larger one is formed again, block by block, on every pass."""
 
-    def __init__(self, base_ref, ft_ref, shape, put: Callable, cache_bytes: int):
-        self.base, self.ft, self.put = base_ref, ft_ref, put
+    def __init__(self, base_ref, ft_ref, shape, on, cache_bytes: int):
+        self.base, self.ft, self.on = base_ref, ft_ref, on
         self.m, self.n = shape
         self.step = max(1, BLOCK_ELEMENTS // max(self.n, 1))
         self.keep = 4 * self.m * self.n <= cache_bytes
@@ -143,7 +142,10 @@ class _Delta:
 
     def _blocks(self, into: np.ndarray | None = None):
         """(r0, r1, host block) over the rows; the blocks are views of `into` when given."""
-        ft_buf, base_buf = _scratch(0, self.step * self.n), _scratch(1, self.step * self.n)
+        from mmerge import backend as backends
+
+        host, n, f32 = backends.get("numpy"), self.step * self.n, np.dtype(np.float32)
+        ft_buf, base_buf = host.staging(0, n, f32), host.staging(1, n, f32)  # reused per thread
         for r0 in range(0, self.m, self.step):
             r1 = min(self.m, r0 + self.step)
             s, e = r0 * self.n, r1 * self.n
@@ -162,14 +164,14 @@ class _Delta:
             host = np.empty((self.m, self.n), np.float32)
             for _ in self._blocks(host):
                 pass
-            self.whole = self.put(host)
+            self.whole = self.on.from_host(host)
         return self.whole
 
     def matmul(self, xp, x):
         whole = self._kept()
         if whole is not None:
             return xp.matmul(whole, x)
-        return xp.concat([xp.matmul(self.put(d), x) for _, _, d in self._blocks()], axis=0)
+        return xp.concat([xp.matmul(self.on.from_host(d), x) for _, _, d in self._blocks()], axis=0)
 
     def rmatmul(self, xp, y):
         whole = self._kept()
@@ -177,24 +179,9 @@ class _Delta:
             return xp.matmul(xp.matrix_transpose(whole), y)
         total = None
         for r0, r1, d in self._blocks():
-            part = xp.matmul(xp.matrix_transpose(self.put(d)), y[r0:r1, :])
+            part = xp.matmul(xp.matrix_transpose(self.on.from_host(d)), y[r0:r1, :])
             total = part if total is None else total + part
         return total
-
-
-_local = threading.local()
-
-
-def _scratch(slot: int, n: int) -> np.ndarray:
-    """A float32 buffer of at least n elements owned by this thread, reused across blocks (a
-    fresh multi-megabyte array per block costs page faults)."""
-    buffers = getattr(_local, "buffers", None)
-    if buffers is None:
-        buffers = _local.buffers = {}
-    buf = buffers.get(slot)
-    if buf is None or buf.size < n:
-        buf = buffers[slot] = np.empty(n, np.float32)
-    return buf
 
 
 @functools.lru_cache(maxsize=8)
@@ -208,14 +195,12 @@ def _test_matrix(n: int, width: int, seed: int) -> np.ndarray:
     return omega
 
 
-def _extract_matrix(mat, base_ref, ft_ref, put, seed, power_iters, cache_bytes):
-    """(left, right, singular values, squared norm) of one matrix's delta, on the host."""
-    from mmerge.backend import namespace
-    from mmerge.backend.transfer import to_host
-
-    delta = _Delta(base_ref, ft_ref, mat.shape, put, cache_bytes)
-    omega = put(_test_matrix(mat.shape[1], mat.width, seed))
-    xp = namespace(omega)
+def _extract_matrix(mat, base_ref, ft_ref, on, seed, power_iters, cache_bytes):
+    """(left, right, singular values, squared norm) of one matrix's delta, computed on the
+    backend object `on` and returned on the host."""
+    delta = _Delta(base_ref, ft_ref, mat.shape, on, cache_bytes)
+    omega = on.from_host(_test_matrix(mat.shape[1], mat.width, seed))
+    xp = on.xp
     y = delta.matmul(xp, omega)  # the first pass also sums the squares
     if delta.sumsq == 0.0:
         m, n = mat.shape
@@ -230,9 +215,9 @@ def _extract_matrix(mat, base_ref, ft_ref, put, seed, power_iters, cache_bytes):
         xp, matmul, lambda y_: delta.rmatmul(xp, y_), omega, mat.rank, power_iters=power_iters
     )
     s = np.zeros(mat.width, np.float32)
-    values = to_host(low.singular_values)
+    values = on.to_host(low.singular_values)
     s[: values.shape[0]] = values
-    return to_host(low.left), to_host(low.right), s, delta.sumsq
+    return on.to_host(low.left), on.to_host(low.right), s, delta.sumsq
 
 
 def _changed(base_ref, ft_ref) -> bool:
@@ -279,7 +264,7 @@ def extract(
     layers only with `embed` (else, when changed, modules_to_save). `include`/`exclude` are
     regular expressions searched in tensor names.
     """
-    from mmerge.backend.transfer import resolve, to_backend
+    from mmerge import backend as backends
     from mmerge.io import open_checkpoint
 
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
@@ -293,7 +278,7 @@ def extract(
     if oversample < 0 or power_iters < 0:
         raise InvalidInput("oversampling and power iterations must be >= 0")
     out_code = factor_dtype(out_dtype)
-    backend, device = resolve(backend, device)
+    on = backends.get(backend, device)
     workers = max(1, workers or min(4, os.cpu_count() or 1))
     with open_checkpoint(base) as base_ckpt, open_checkpoint(finetuned) as ft_ckpt:
         matrices, others = _plan(base_ckpt, ft_ckpt, rank, oversample, embed, include, exclude)
@@ -323,21 +308,16 @@ def extract(
                 _stage_specs(matrices, others),
                 {"mmerge.stage": _stage_key(base_ckpt, ft_ckpt, options)},
             )
-
-            def put(host: np.ndarray):
-                return to_backend(np.ascontiguousarray(host, np.float32), backend, device)
-
             _run_stage(
                 stage,
                 matrices,
                 others,
                 base_ckpt,
                 ft_ckpt,
-                put,
+                on,
                 seed,
                 power_iters,
                 workers,
-                backend,
                 on_progress,
             )
             result = _write_adapter(
@@ -360,9 +340,7 @@ def extract(
         return result
 
 
-def _run_stage(
-    stage, matrices, others, base, ft, put, seed, power_iters, workers, backend, on_progress
-):
+def _run_stage(stage, matrices, others, base, ft, on, seed, power_iters, workers, on_progress):
     """Phase 1: factors at the largest rank for every pending matrix, and which other tensors
     changed, into the scratch file (tensors already there from an interrupted run are kept)."""
     from mmerge.engine.allocator import keep_chunk_memory
@@ -373,7 +351,7 @@ def _run_stage(
 
     def matrix_job(mat: _Matrix) -> None:
         left, right, s, sumsq = _extract_matrix(
-            mat, base[mat.name], ft[mat.name], put, seed, power_iters, cache
+            mat, base[mat.name], ft[mat.name], on, seed, power_iters, cache
         )
         for suffix, value in (
             (".left", left),
@@ -394,7 +372,7 @@ def _run_stage(
     jobs = [(matrix_job, m) for m in matrices if m.name + ".sumsq" in pending]
     jobs.sort(key=lambda job: -job[1].shape[0] * job[1].shape[1])  # largest first
     jobs += [(other_job, n) for n in others if n + ".changed" in pending]
-    limit = _blas_limit(backend, workers)
+    limit = _blas_limit(on, workers)
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmerge-lora") as pool:
             for future in [pool.submit(fn, arg) for fn, arg in jobs]:
@@ -404,10 +382,10 @@ def _run_stage(
             limit.restore_original_limits()
 
 
-def _blas_limit(backend: str, workers: int):
+def _blas_limit(on, workers: int):
     """One BLAS thread per worker when numpy computes with several workers (the workers are
     the parallelism; nested BLAS threads would oversubscribe the cores)."""
-    if backend != "numpy" or workers <= 1:
+    if on.name != "numpy" or workers <= 1:
         return None
     from threadpoolctl import threadpool_limits
 

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 import mmerge.lora
 from mmerge.cli import cli
+from mmerge.engine.api import run_recipe
 from mmerge.errors import InvalidInput
 from mmerge.io import QuantizedRef, open_checkpoint
 from mmerge.io.adapted import AdaptedTensorRef
@@ -275,6 +276,39 @@ def test_adapted_refs_send_their_float32_values_to_the_device(tmp_path):
         want = ref.read_float32()
         assert not np.array_equal(want, ref.raw().view(np.uint16).astype(np.uint32) << 16)
         np.testing.assert_array_equal(got[name].read_float32(), want)
+
+
+def test_recipes_tell_adapted_models_of_one_base_apart(family, tmp_path):
+    """Model-scope passes count a stored tensor once: a tensor of BASE+A1 is not BASE+A2's nor
+    the base's, so TIES over the whole model on adapted models equals it on their applied
+    float32 copies."""
+    a1 = random_adapter(family["base"], tmp_path / "a1", rank=2, seed=3, scale=0.3)
+    a2 = random_adapter(family["base"], tmp_path / "a2", rank=3, seed=4, scale=0.3)
+    with (
+        applying.open_adapted(family["base"], [a1]) as one,
+        applying.open_adapted(family["base"], [a2]) as two,
+        applying.open_adapted(family["base"], [a1]) as again,
+    ):
+        name = "model.layers.0.self_attn.q_proj.weight"
+        ids = {one[name].identity, two[name].identity, one.base[name].identity}
+        assert len(ids) == 3 and again[name].identity == one[name].identity
+    for k, a in enumerate((a1, a2)):
+        mmerge.lora.apply(family["base"], [a], tmp_path / f"applied{k}")
+
+    def ties(models, out):
+        recipe = {
+            "merge_method": "ties",
+            "base_model": str(family["base"]),
+            "parameters": {"density": 0.3, "scope": "model"},
+            "models": [{"model": m} for m in models],
+        }
+        run_recipe(recipe, out)
+        return load(out)
+
+    adapted = ties([f"{family['base']}+{a1}", f"{family['base']}+{a2}"], tmp_path / "x")
+    applied = ties([str(tmp_path / "applied0"), str(tmp_path / "applied1")], tmp_path / "y")
+    for name, value in applied.items():
+        np.testing.assert_array_equal(adapted[name], value, err_msg=name)
 
 
 def test_apply_resumes_after_an_interruption(family, adapter, tmp_path, monkeypatch):

@@ -55,8 +55,8 @@ def chunk_bounds(numel: int, block: int, target: int) -> list[tuple[int, int]]:
 
 
 def _identity(item: PlanItem) -> tuple:
-    """Which stored bytes an item reads: items with equal identities are the same tensor."""
-    return tuple((str(ref.file), ref.start) for ref in item.inputs())
+    """Which stored values an item reads: items with equal identities are the same tensor."""
+    return tuple(ref.identity for ref in item.inputs())
 
 
 class _Budget:

@@ -102,6 +102,15 @@ class AdaptedTensorRef:
     def file(self) -> Path:
         return self.base.file
 
+    @property
+    def identity(self) -> tuple:
+        """What the values are computed from: the base tensor, and each adapter's weight and
+        stored tensors (equal for two refs only when they compute the same values)."""
+        changes = tuple(
+            (w, *(ref.identity for ref in _refs_of(change))) for w, change in self.changes
+        )
+        return (self.base.identity, changes)
+
     def __repr__(self) -> str:
         return f"AdaptedTensorRef({self.name!r}, {self.dtype}, {self.shape}, {len(self.changes)})"
 

@@ -126,9 +126,9 @@ class QuantizedRef:
             pos = end
 
     @property
-    def start(self) -> int:
-        """Where the stored fp8 values begin in their file (with `file`, what identifies them)."""
-        return self.values_ref.start
+    def identity(self) -> tuple:
+        """What the values are read from: the stored fp8 values (their scales sit beside them)."""
+        return self.values_ref.identity
 
     def transfer(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, DType]:
         """Elements [start, stop) as they travel to a compute device, and their dtype: the

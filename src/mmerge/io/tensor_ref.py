@@ -72,6 +72,11 @@ class TensorRef:
         return self._file.path
 
     @property
+    def identity(self) -> tuple[str, int]:
+        """What the values are read from (file and offset): equal for refs of the same bytes."""
+        return str(self._file.path), self.start
+
+    @property
     def nbytes(self) -> int:
         return self.end - self.start
 

@@ -119,6 +119,18 @@ def cli() -> None:
     """
 
 
+device_options = (
+    click.option(
+        "--backend",
+        default="numpy",
+        show_default=True,
+        type=click.Choice(["numpy", "torch", "cupy", "mlx", "auto"]),
+        help="Array library that computes; auto picks a GPU library when present.",
+    ),
+    click.option("--device", default=None, help="cpu or cuda (default: the backend's own)."),
+)
+
+
 def execution_options(f):
     """Options shared by `stream` and `run`: where to compute and how to write."""
     options = [
@@ -130,14 +142,7 @@ def execution_options(f):
             help="Output: NAME.safetensors for one file, any other name for an HF "
             "folder with shards and index.",
         ),
-        click.option(
-            "--backend",
-            default="numpy",
-            show_default=True,
-            type=click.Choice(["numpy", "torch", "cupy", "mlx", "auto"]),
-            help="Array library that computes; auto picks a GPU library when present.",
-        ),
-        click.option("--device", default=None, help="cpu or cuda (default: the backend's own)."),
+        *device_options,
         click.option(
             "--compute-dtype",
             default="float32",

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import click
 
-from mmerge.cli import _Group, _numbers, _param_value, debug_option, human, parse_size
+from mmerge.cli import (
+    _Group,
+    _numbers,
+    _param_value,
+    debug_option,
+    device_options,
+    human,
+    parse_size,
+)
 
 
 def _weights(text: str | None, count: int) -> list[float] | None:
@@ -30,14 +38,7 @@ def common_options(f):
         click.option(
             "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output path."
         ),
-        click.option(
-            "--backend",
-            default="numpy",
-            show_default=True,
-            type=click.Choice(["numpy", "torch", "cupy", "mlx", "auto"]),
-            help="Array library that computes; auto picks a GPU library when present.",
-        ),
-        click.option("--device", default=None, help="cpu or cuda (default: the backend's own)."),
+        *device_options,
         click.option(
             "--out-dtype",
             default=None,
@@ -62,6 +63,11 @@ def common_options(f):
 
 overwrite_option = click.option(
     "--overwrite", is_flag=True, help="Replace an existing adapter folder at OUTPUT."
+)
+report_option = click.option(
+    "--report",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the per-module report as JSON.",
 )
 
 
@@ -183,11 +189,7 @@ def apply_command(
 @click.option(
     "-p", "--param", "extra", multiple=True, metavar="KEY=VALUE", help="Other method parameters."
 )
-@click.option(
-    "--report",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the per-module report as JSON.",
-)
+@report_option
 @overwrite_option
 @common_options
 def combine_command(
@@ -298,11 +300,7 @@ def combine_command(
     type=click.IntRange(min=0),
     help="Power iterations.",
 )
-@click.option(
-    "--report",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the per-module report as JSON.",
-)
+@report_option
 @overwrite_option
 @common_options
 def extract_command(

@@ -463,6 +463,15 @@ def _register_analyze() -> None:
 _register_analyze()
 
 
+def _register_evolve() -> None:
+    from mmerge.evolve.command import evolve
+
+    cli.add_command(evolve)
+
+
+_register_evolve()
+
+
 def main() -> None:
     """Entry point of the `mmerge` console script."""
     cli(prog_name="mmerge")

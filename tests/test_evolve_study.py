@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,3 +298,15 @@ def test_import_mmerge_does_not_import_optuna_and_evolve_stays_callable():
         "import mmerge.evolve; assert callable(mmerge.evolve); assert 'optuna' not in sys.modules"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_bundled_example_search_runs(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    cmd = f"{sys.executable} {root / 'examples' / 'evolve_eval.py'} {{model}}"
+    args = ["evolve", root / "examples" / "evolve_search.yaml", "--eval-cmd", cmd]
+    p = cli(*args, "--metric-weights", "ft1=1,ft2=1", "--trials", 4, "-o", tmp_path / "o", cwd=root)
+    stdout, stderr = p.communicate(timeout=180)
+    assert p.returncode == 0, stderr
+    assert "midpoint = uniform weights" in stdout and "ft1 alone" in stdout
+    best = (tmp_path / "o" / "best.yaml").read_text()
+    assert "density:\n  - " in best or "density:\n- " in best  # a gradient over 2 layer groups

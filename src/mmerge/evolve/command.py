@@ -230,7 +230,8 @@ def evolve(
         raise click.UsageError("missing --trials (the study's total)")
     if output is None:
         raise click.UsageError("missing -o OUT (best.yaml, trials.csv and kept models go there)")
-    if plot_path and not Path(plot_path).resolve().parent.is_dir():
+    folder = Path(plot_path).resolve().parent if plot_path else None
+    if folder is not None and not folder.is_dir() and folder != output.resolve():
         raise click.BadParameter(f"folder of {plot_path} does not exist", param_hint="--plot")
     if evaluator_spec is not None:
         from mmerge.evolve.evaluate import load_callable

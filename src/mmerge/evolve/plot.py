@@ -58,6 +58,7 @@ def plot(study, space: SearchSpace, path: str | Path) -> Path:
         for r in spread:
             ax2.plot(range(r.groups), [values[d] for d in r.dimensions()], marker="o", label=r.name)
         if spread:
+            ax2.set_xticks(range(space.layer_groups))
             ax2.set_xlabel("layer group (first layers to last)")
             ax2.legend(loc="best", fontsize=8)
         if single:  # one number each: bars, placed after the groups
@@ -69,6 +70,7 @@ def plot(study, space: SearchSpace, path: str | Path) -> Path:
         ax2.set_title(f"best parameters (trial {winner.number})")
     fig.tight_layout()
     out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

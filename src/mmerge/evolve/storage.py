@@ -44,7 +44,8 @@ def default_url(out: Path) -> str:
 
 def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
     """An Optuna storage for `url`: sqlite:///FILE, postgresql://..., mysql://... (any SQLAlchemy
-    URL), or journal:PATH (a journal file, for shared file systems)."""
+    URL; postgresql:// goes through psycopg 3, which mmerge[evolve] installs), or journal:PATH
+    (a journal file, for shared file systems)."""
     retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
     if url.startswith("journal:"):
         from optuna.storages import JournalStorage
@@ -61,6 +62,9 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
             f"storage {url!r}: expected a database URL (sqlite:///study.db, "
             "postgresql://user@host/db) or journal:PATH"
         )
+    for plain in ("postgresql://", "postgres://"):  # the driver mmerge[evolve] installs
+        if url.startswith(plain):
+            url = "postgresql+psycopg://" + url.removeprefix(plain)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     attempt = 0
     while True:

@@ -337,7 +337,13 @@ def test_passthrough_slices_stack_layers(family_files, tmp_path):
     np.testing.assert_array_equal(got[up.format(1)], a[up.format(1)])
     np.testing.assert_array_equal(got[up.format(2)], b[up.format(1)])
     np.testing.assert_array_equal(got[up.format(3)], b[up.format(2)])
-    np.testing.assert_array_equal(got["lm_head.weight"], a["lm_head.weight"])
+    # as in mergekit: embeddings from the first slice, final norm and head from the last
+    np.testing.assert_array_equal(got["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(got["lm_head.weight"], b["lm_head.weight"])
+    np.testing.assert_array_equal(got["model.norm.weight"], b["model.norm.weight"])
+    layers = [mmerge.engine.layers.layer_index(n) for n in got]
+    inside = [i for i in layers if i is not None]
+    assert inside == sorted(inside) and layers[0] is None and layers[-1] is None
 
 
 def test_dry_run_writes_nothing_and_reports(family_files, tmp_path):

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
 from mmerge.engine.plan import Slice, Source, build_plan, build_slice_plan, dtype_code
@@ -15,6 +16,7 @@ class Ref:
     name: str
     shape: tuple
     dtype: str = "BF16"
+    fill: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -22,6 +24,9 @@ class Ref:
         for d in self.shape:
             n *= d
         return n
+
+    def raw(self):
+        return np.full(self.shape, self.fill, np.int64)
 
 
 def model(label, layers=3, vocab=32, hidden=8, extra=()):
@@ -103,6 +108,65 @@ def test_integer_tensors_are_copied_and_out_dtype_applies_to_floats():
     kinds = {i.name: (i.is_copy, i.out_dtype) for i in plan.items}
     assert kinds["pos_ids"] == (True, "I64")
     assert kinds["lm_head.weight"] == (False, "F32")
+    assert plan.warnings == []
+
+
+def test_integer_tensors_that_differ_are_taken_from_the_base_with_a_warning():
+    a, b, base = model("a"), model("b"), model("base")
+    for src, fill in ((a, 7), (b, 9), (base, 3)):
+        src.checkpoint["steps"] = Ref("steps", (), "I64", fill)
+    plan = build_plan([a, b], method="task_arithmetic", base=base)
+    item = next(i for i in plan.items if i.name == "steps")
+    assert item.is_copy and item.sources[0] is base.checkpoint["steps"]
+    assert plan.warnings == ["I64 tensor 'steps' differs between the models; kept the base model's"]
+    plan = build_plan([a, b], method="linear")
+    item = next(i for i in plan.items if i.name == "steps")
+    assert item.sources[0] is a.checkpoint["steps"]
+    assert plan.warnings == ["I64 tensor 'steps' differs between the models; kept the one of a"]
+
+
+def test_float_and_integer_of_one_name_is_an_error():
+    a, b = model("a"), model("b")
+    b.checkpoint["model.norm.weight"] = Ref("model.norm.weight", (8,), "I64")
+    with pytest.raises(PlanError, match="'model.norm.weight' is a float in some models"):
+        build_plan([a, b], method="linear")
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "expected"),
+    [
+        (("F16", "F16"), "F16"),
+        (("F16", "BF16"), "F32"),
+        (("BF16", "F32"), "F32"),
+        (("F16", "F64"), "F64"),
+        (("F8_E4M3", "BF16"), "BF16"),
+        (("F8_E4M3", "F16"), "F16"),
+        (("F8_E4M3", "F8_E5M2"), "BF16"),
+    ],
+)
+def test_mixed_input_dtypes_give_one_that_holds_them_all(dtypes, expected):
+    a, b = model("a"), model("b")
+    for name, ref in list(b.checkpoint.items()):
+        b.checkpoint[name] = Ref(name, ref.shape, dtypes[1])
+    for name, ref in list(a.checkpoint.items()):
+        a.checkpoint[name] = Ref(name, ref.shape, dtypes[0])
+    plan = build_plan([a, b], method="linear")
+    assert {i.out_dtype for i in plan.items} == {expected}
+    if len(set(dtypes)) > 1:
+        assert len(plan.warnings) == 1 and "--out-dtype" in plan.warnings[0]
+    plan = build_plan([a, b], method="linear", out_dtype="bfloat16")
+    assert {i.out_dtype for i in plan.items} == {"BF16"}
+
+
+def test_a_global_value_is_the_default_of_models_without_their_own():
+    base = model("base")
+    a = Source(model("a").checkpoint, {"density": 0.2}, "a")
+    b = Source(model("b").checkpoint, {}, "b")
+    plan = build_plan([a, b], method="ties", base=base, params={"density": 0.5})
+    for item in plan.items:
+        assert item.params["density"] == [0.2, 0.5], item.name
+    item = plan.items[0]
+    assert item.method.resolve(2, item.params)["density"] == (0.2, 0.5)
 
 
 def test_dtype_spellings():

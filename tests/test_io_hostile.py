@@ -114,6 +114,32 @@ def test_malformed_file_is_rejected(tmp_path, case):
     assert_rejected(path, FILE_CASES[case][3], names=(str(path),))
 
 
+@pytest.mark.parametrize("short", [7, 1, 0])
+def test_header_length_between_size_minus_8_and_size_runs_past_the_end(tmp_path, short):
+    path = tmp_path / "bad.safetensors"
+    body = b'{"__metadata__":{}}' + bytes(13)
+    size = 8 + len(body)
+    path.write_bytes(struct.pack("<Q", size - short) + body)
+    error = assert_rejected(path, "runs past the end of the file", names=(str(path),))
+    assert f"header length {size - short} " in str(error)
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (json.dumps({"architectures": ["LlamaForCausalLM"]}).encode(), "it is text, beginning"),
+        (b"PK\x03\x04" + bytes(60), "zip archive"),
+        (b"GGUF\x03\x00\x00\x00" + bytes(60), "GGUF"),
+        (b"\x80\x02}q\x00(X\x05" + bytes(60), "pickle"),
+    ],
+)
+def test_other_formats_are_named_not_a_safetensors_file(tmp_path, content, fragment):
+    path = tmp_path / "config.json"
+    path.write_bytes(content)
+    error = assert_rejected(path, "not a safetensors file", names=(str(path),))
+    assert fragment in str(error)
+
+
 def test_truncated_real_file(tmp_path):
     path = tmp_path / "t.safetensors"
     safetensors.numpy.save_file({"w": np.zeros((64, 64), np.float32)}, path)

@@ -8,6 +8,7 @@ import os
 import shutil
 import struct
 from collections import namedtuple
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -17,6 +18,7 @@ import safetensors.numpy
 from mmerge.errors import InvalidInput, MmergeError
 from mmerge.io import StreamingWriter, TensorSpec, open_checkpoint
 from mmerge.io import journal as journal_module
+from mmerge.io import output_path as output_path_module
 from mmerge.io import writer as writer_module
 
 SPECS = [
@@ -210,18 +212,43 @@ def test_refuses_to_write_over_inputs(tmp_path):
     assert not list(tmp_path.glob("*.mmerge-*"))
 
 
-def test_replaces_an_earlier_output(tmp_path):
+def test_replaces_an_earlier_output_only_when_asked(tmp_path):
     for out in (tmp_path / "m.safetensors", tmp_path / "m"):
         finished_output(out, metadata={"run": "1"})
-        finished_output(out, metadata={"run": "2"})
+        with pytest.raises(InvalidInput, match="already exists.*--overwrite"):
+            finished_output(out, metadata={"run": "2"})
+        with open_checkpoint(out) as c:
+            assert c.metadata["run"] == "1"
+        finished_output(out, metadata={"run": "2"}, overwrite=True)
         with open_checkpoint(out) as c:
             assert c.metadata["run"] == "2"
     assert leftovers(tmp_path) == ["m", "m.safetensors"]
 
 
+def test_never_replaces_a_users_model_folder_unasked(tmp_path):
+    user = finished_output(tmp_path / "my-model")
+    (user / "README.md").write_text("my notes")
+    (user / "LICENSE").write_text("mine")
+    before = {p.name: p.read_bytes() for p in user.iterdir()}
+    with pytest.raises(InvalidInput, match="already exists"):
+        StreamingWriter(user, SPECS)
+    assert {p.name: p.read_bytes() for p in user.iterdir()} == before
+    assert leftovers(tmp_path) == ["my-model"]
+
+
+def test_old_output_stays_whole_until_the_new_one_is_complete(tmp_path):
+    out = finished_output(tmp_path / "m", metadata={"run": "1"})
+    with StreamingWriter(out, SPECS, metadata={"run": "2"}, overwrite=True) as w:
+        write_all(w)
+        with open_checkpoint(out) as c:  # everything written, not committed: old one intact
+            assert c.metadata["run"] == "1"
+    with open_checkpoint(out) as c:
+        assert c.metadata["run"] == "2"
+
+
 def test_file_output_over_an_earlier_folder_output(tmp_path):
     finished_output(tmp_path / "m", layout="folder")
-    finished_output(tmp_path / "m", layout="file")
+    finished_output(tmp_path / "m", layout="file", overwrite=True)
     assert (tmp_path / "m").is_file() and leftovers(tmp_path) == ["m"]
 
 
@@ -234,9 +261,52 @@ def test_refuses_to_replace_what_is_not_a_checkpoint(tmp_path):
     (tmp_path / "notes").write_text("precious")
     for name in ("docs", "tree", "notes"):
         with pytest.raises(InvalidInput, match="refusing to replace"):
+            StreamingWriter(tmp_path / name, SPECS, overwrite=True)
+        with pytest.raises(InvalidInput, match="already exists"):
             StreamingWriter(tmp_path / name, SPECS)
     assert (tmp_path / "docs" / "notes.txt").read_text() == "precious"
+    (tmp_path / "empty").mkdir()
     StreamingWriter(tmp_path / "empty", SPECS).abort()  # an absent or empty folder is fine
+    finished_output(tmp_path / "empty.safetensors")
+    (tmp_path / "empty2").mkdir()
+    finished_output(tmp_path / "empty2", layout="file")
+    assert (tmp_path / "empty2").is_file()
+
+
+@pytest.mark.parametrize("name", ["m", "m.safetensors"])
+def test_a_failed_final_rename_keeps_the_old_output(tmp_path, monkeypatch, name):
+    out = finished_output(tmp_path / name, metadata={"run": "1"})
+    real = output_path_module.os.replace
+
+    def failing(src, dst):
+        if str(src).endswith(".mmerge-partial"):
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(output_path_module.os, "replace", failing)
+    with (
+        pytest.raises(OSError, match="Input/output error"),
+        StreamingWriter(out, SPECS, metadata={"run": "2"}, overwrite=True) as w,
+    ):
+        write_all(w)
+    monkeypatch.setattr(output_path_module.os, "replace", real)
+    with open_checkpoint(out) as c:
+        assert c.metadata["run"] == "1"
+    assert not list(tmp_path.glob("*.mmerge-old*"))
+    with StreamingWriter(out, SPECS, metadata={"run": "2"}, overwrite=True, resume=True) as w:
+        assert w.pending() == []  # the finished partial output is kept for --resume
+    with open_checkpoint(out) as c:
+        assert c.metadata["run"] == "2"
+    assert leftovers(tmp_path) == [name]
+
+
+def test_output_that_appears_during_the_merge_is_not_replaced(tmp_path):
+    out = tmp_path / "m"
+    with pytest.raises(InvalidInput, match="already exists"), StreamingWriter(out, SPECS) as w:
+        write_all(w)
+        finished_output(tmp_path / "m", metadata={"run": "other"})
+    with open_checkpoint(out) as c:
+        assert c.metadata["run"] == "other"
 
 
 def test_checks_free_disk_space_first(tmp_path, monkeypatch):
@@ -244,6 +314,46 @@ def test_checks_free_disk_space_first(tmp_path, monkeypatch):
     monkeypatch.setattr(writer_module.shutil, "disk_usage", lambda p: usage(10**6, 10**6, 100))
     with pytest.raises(MmergeError, match="not enough disk space"):
         StreamingWriter(tmp_path / "m.safetensors", SPECS)
+    assert leftovers(tmp_path) == []
+
+
+def test_space_check_counts_index_journal_and_added_files(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    probe = StreamingWriter(tmp_path / "probe", SPECS, shard_size=200)
+    shards = sum(s.size for s in probe._shards)
+    probe.abort()
+    monkeypatch.setattr(writer_module.shutil, "disk_usage", lambda p: usage(0, 0, shards))
+    with pytest.raises(MmergeError, match=r"not enough disk space in .*the output needs"):
+        StreamingWriter(tmp_path / "m", SPECS, shard_size=200)
+    free = shards + 10**5
+    monkeypatch.setattr(writer_module.shutil, "disk_usage", lambda p: usage(0, 0, free))
+    StreamingWriter(tmp_path / "m", SPECS, shard_size=200).abort()
+    with pytest.raises(MmergeError, match="not enough disk space"):
+        StreamingWriter(tmp_path / "m", SPECS, shard_size=200, reserve_bytes=10**5)
+    assert leftovers(tmp_path) == []
+
+
+def test_full_disk_while_starting_the_journal_leaves_nothing(tmp_path, monkeypatch):
+    def full(self, data):
+        Path.open(self, "wb").close()  # the temp file exists when the disk fills up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal_module.Path, "write_bytes", full)
+    with pytest.raises(MmergeError, match=r"not enough disk space in .*needs .* GB"):
+        StreamingWriter(tmp_path / "m", SPECS)
+    assert leftovers(tmp_path) == []
+
+
+def test_unwritable_output_folder_names_the_output(tmp_path, monkeypatch):
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(writer_module.os, "open", denied)
+    with pytest.raises(MmergeError) as info:
+        StreamingWriter(tmp_path / "m.safetensors", SPECS)
+    message = str(info.value)
+    assert "cannot write the output" in message and str(tmp_path / "m.safetensors") in message
+    assert "mmerge-" not in message
     assert leftovers(tmp_path) == []
 
 
@@ -322,6 +432,23 @@ def test_resume_false_discards_the_partial_output(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_resume_refuses_an_input_replaced_by_another_with_the_same_header(tmp_path):
+    src = finished_output(tmp_path / "in.safetensors")
+    other = tmp_path / "other.safetensors"
+    with StreamingWriter(other, SPECS) as w:
+        for spec in SPECS:
+            w.write(spec.name, values(spec) * 2)
+            w.finish_tensor(spec.name)
+    assert src.read_bytes()[:100] == other.read_bytes()[:100]  # same header
+    out = tmp_path / "m.safetensors"
+    interrupted(out, {"emb"}, inputs=[src])
+    os.replace(other, src)
+    with pytest.raises(InvalidInput, match=r"cannot resume: .*in.safetensors changed"):
+        StreamingWriter(out, SPECS, resume=True, inputs=[src])
+    assert "m.safetensors.mmerge-partial" in leftovers(tmp_path)  # kept, not mixed in
+    StreamingWriter(out, SPECS, inputs=[src]).abort()  # without --resume: starts over
+
+
 def test_resume_after_a_reboot_starts_afresh(tmp_path, monkeypatch):
     out = tmp_path / "m.safetensors"
     interrupted(out, {"emb"})
@@ -358,5 +485,5 @@ def test_abort_removes_everything(tmp_path):
 def test_committed_output_replaces_atomically_without_leftovers(tmp_path):
     out = finished_output(tmp_path / "m")
     shutil.copytree(out, tmp_path / "before")
-    finished_output(out)
+    finished_output(out, overwrite=True)
     assert leftovers(tmp_path) == ["before", "m"]

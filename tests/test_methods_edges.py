@@ -89,6 +89,20 @@ def test_slerp_degenerate_pairs_lerp(b, magnitude):
     assert_close(got, ref_lerp(b, A, 0.3))
 
 
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("magnitude", ["shoemake", "norm_interp"])
+def test_slerp_nearly_antiparallel_pairs_lerp(be, magnitude):
+    """cos about -0.9998: sin (0.02) is above the small-angle floor, so only |cos| >
+    dot_threshold sends it to lerp; the arc formula would divide by that small sine."""
+    noise = grid(np.random.default_rng(5), A.shape)
+    b = -A + 0.02 * np.linalg.norm(A) / np.linalg.norm(noise) * noise
+    cos = float(np.vdot(A, b) / (np.linalg.norm(A) * np.linalg.norm(b)))
+    assert -0.99995 < cos < -0.9995 and np.sqrt(1 - cos * cos) > 1e-3
+    got = to_numpy(M.slerp([to_backend(be, A), to_backend(be, b)], t=0.3, magnitude=magnitude))
+    assert_close(got, ref_lerp(A, b, 0.3))
+    assert np.abs(got).max() <= np.abs(A).max() + np.abs(b).max()
+
+
 def test_slerp_dot_threshold():
     b = A + 0.05 * grid(RNG, A.shape)  # nearly parallel: cos about 0.999
     assert_close(M.slerp([A, b], t=0.4), ref_slerp(A, b, 0.4))

@@ -1,5 +1,21 @@
-"""`python -m mmerge` runs the command line."""
+"""`mmerge` and `python -m mmerge`: Ctrl-C at any moment, even while the command line's own
+modules are still loading, ends with one line and exit status 130, never a traceback."""
 
-from mmerge.cli import main
+from __future__ import annotations
 
-main()
+import sys
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point of the `mmerge` console script."""
+    try:
+        from mmerge.cli import run_cli
+
+        return run_cli(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

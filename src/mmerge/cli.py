@@ -63,6 +63,9 @@ def _param_value(text: str):
     return key.strip(), yaml.safe_load(value)
 
 
+INTERRUPTED = 130  # the shell's exit status for a process ended by Ctrl-C
+
+
 class _Group(click.Group):
     """Turns library errors into one clear line; a traceback only with --debug."""
 
@@ -75,13 +78,21 @@ class _Group(click.Group):
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2 if isinstance(exc, InvalidInput) else 1)
         except KeyboardInterrupt:
-            click.echo("interrupted; run the same command with --resume to continue", err=True)
-            ctx.exit(130)
+            hint = "; run the same command with --resume to continue" if _resumable(ctx) else ""
+            click.echo(f"interrupted{hint}", err=True)
+            ctx.exit(INTERRUPTED)
         except OSError as exc:
             if ctx.meta.get("mmerge.debug"):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(1)
+
+
+def _resumable(ctx: click.Context) -> bool:
+    """True when the interrupted subcommand takes --resume."""
+    sub = ctx.protected_args[:1] or ctx.args[:1]
+    command = ctx.command.get_command(ctx, sub[0]) if sub else None  # type: ignore[attr-defined]
+    return command is not None and any(p.name == "resume" for p in command.params)
 
 
 def _set_debug(ctx: click.Context, _param, value: bool) -> bool:
@@ -152,6 +163,17 @@ def execution_options(f):
             "--resume",
             is_flag=True,
             help="Continue an interrupted merge from the tensors already written.",
+        ),
+        click.option(
+            "--overwrite",
+            is_flag=True,
+            help="Replace an existing OUTPUT (only once the new one is complete).",
+        ),
+        click.option(
+            "--allow-mismatch",
+            is_flag=True,
+            help="Copy from the base/first model the tensors that other models lack or hold "
+            "in another shape (e.g. a resized vocabulary), with a warning.",
         ),
         click.option(
             "--dry-run",
@@ -262,13 +284,8 @@ def _run_with_progress(fn, total_fn, quiet: bool, dry_run: bool, **kwargs):
 @click.option(
     "--out-dtype",
     default=None,
-    help="Output dtype (bfloat16, float16, float32); default: the inputs' dtype.",
-)
-@click.option(
-    "--allow-mismatch",
-    is_flag=True,
-    help="Copy from the base/first model the tensors that other models lack or hold "
-    "in another shape (e.g. a resized vocabulary), with a warning.",
+    help="Output dtype (bfloat16, float16, float32); default: the inputs' dtype, or one that "
+    "holds every input dtype when they differ (float32 for float16 with bfloat16).",
 )
 @execution_options
 def stream(
@@ -289,6 +306,7 @@ def stream(
     compute_dtype,
     shard_size,
     resume,
+    overwrite,
     dry_run,
     quiet,
 ):
@@ -345,6 +363,7 @@ def stream(
         out_dtype=out_dtype,
         shard_size=size,
         resume=resume,
+        overwrite=overwrite,
         allow_mismatch=allow_mismatch,
         **params,
     )
@@ -360,7 +379,19 @@ def stream(
 @cli.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @execution_options
-def run(recipe, output, backend, device, compute_dtype, shard_size, resume, dry_run, quiet):
+def run(
+    recipe,
+    output,
+    backend,
+    device,
+    compute_dtype,
+    shard_size,
+    resume,
+    overwrite,
+    allow_mismatch,
+    dry_run,
+    quiet,
+):
     """Run a mergekit-style YAML RECIPE into OUTPUT.
 
     Supported keys: merge_method, models (with per-model parameters), base_model, parameters
@@ -382,7 +413,13 @@ def run(recipe, output, backend, device, compute_dtype, shard_size, resume, dry_
 
     size = parse_size(shard_size) if shard_size else None
     kwargs = dict(
-        backend=backend, device=device, compute_dtype=compute_dtype, shard_size=size, resume=resume
+        backend=backend,
+        device=device,
+        compute_dtype=compute_dtype,
+        shard_size=size,
+        resume=resume,
+        overwrite=overwrite,
+        allow_mismatch=allow_mismatch,
     )
 
     def total() -> int:
@@ -472,6 +509,18 @@ def _register_evolve() -> None:
 _register_evolve()
 
 
-def main() -> None:
-    """Entry point of the `mmerge` console script."""
-    cli(prog_name="mmerge")
+def run_cli(args: list[str] | None = None) -> int:
+    """Run the command line and return its exit status; every error is one line."""
+    try:
+        status = cli.main(args=args, prog_name="mmerge", standalone_mode=False)
+    except click.exceptions.Abort:  # Ctrl-C inside a click prompt or parser
+        click.echo("interrupted", err=True)
+        return INTERRUPTED
+    except click.ClickException as exc:
+        hint = ""
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            hint = f" (see '{ctx.command_path} --help')"
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
+        return exc.exit_code
+    return status if isinstance(status, int) else 0

@@ -22,3 +22,8 @@ class FormatError(MmergeError):
 
 class PlanError(MmergeError):
     """The inputs cannot be merged as asked: missing tensors, shape mismatches, bad recipe."""
+
+
+class MergeWarning(UserWarning):
+    """Something the user should know about a merge that still went through (a tensor copied
+    instead of merged, a parameter the method ignores, an output dtype chosen for them)."""

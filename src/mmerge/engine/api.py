@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +12,8 @@ from typing import Any
 from mmerge.engine.execute import Execution, estimate_peak
 from mmerge.engine.layers import layer_count, layer_index
 from mmerge.engine.output import OutputOptions, write_plan
-from mmerge.engine.plan import Plan, Source, _per_tensor_params, build_plan
-from mmerge.errors import InvalidInput, PlanError
+from mmerge.engine.plan import MISMATCH_HINT, Plan, Source, _per_tensor_params, build_plan
+from mmerge.errors import InvalidInput, MergeWarning, PlanError
 from mmerge.methods.registry import get
 
 PathLike = str | os.PathLike
@@ -60,6 +61,7 @@ def merge(
     shard_size: int | None = None,
     resume: bool = False,
     allow_mismatch: bool = False,
+    overwrite: bool = False,
     dry_run: bool = False,
     on_progress=None,
     **params: Any,
@@ -68,6 +70,8 @@ def merge(
 
     `params` are the method's global parameters (scalars, gradients or filter lists);
     `model_params` gives per-model ones (e.g. `[{"weight": 0.3}, {"weight": 0.7}]`).
+    An existing non-empty `output` is refused unless `overwrite`; then it is replaced once the
+    new output is complete.
     """
     from mmerge.io import open_checkpoint
 
@@ -98,8 +102,8 @@ def merge(
         run=_execution(backend, device, compute_dtype, on_progress),
         shard_size=shard_size,
         resume=resume,
+        overwrite=overwrite,
         dry_run=dry_run,
-        out_dtype=out_dtype,
     )
 
 
@@ -123,11 +127,15 @@ def execute_plan(
     run: Execution,
     shard_size: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     dry_run: bool = False,
-    out_dtype: str | None = None,
 ) -> MergeResult:
-    """Write a validated plan (or only describe it, for a dry run)."""
+    """Write a validated plan (or only describe it, for a dry run, which also checks that the
+    output may be written)."""
+    from mmerge.io.output_path import check_replaceable
+
     peak = estimate_peak(plan)
+    check_replaceable(Path(output), overwrite)
     if dry_run:
         return MergeResult(None, plan, peak, plan.warnings)
     options = OutputOptions(
@@ -135,17 +143,10 @@ def execute_plan(
         shard_size=shard_size,
         resume=resume,
         copy_files_from=copy_files_from,
-        out_dtype_name=_torch_dtype_name(out_dtype),
+        overwrite=overwrite,
     )
     final = write_plan(plan, checkpoints, options, run)
     return MergeResult(final, plan, peak, plan.warnings)
-
-
-def _torch_dtype_name(out_dtype: str | None) -> str | None:
-    from mmerge.engine.plan import dtype_code
-
-    code = dtype_code(out_dtype)
-    return {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}.get(code)
 
 
 def merge_tensors(
@@ -154,33 +155,93 @@ def merge_tensors(
     method: str,
     base: Mapping[str, Any] | None = None,
     model_params: Sequence[Mapping[str, Any]] | None = None,
+    allow_mismatch: bool = False,
     **params: Any,
 ) -> dict[str, Any]:
     """Merge state dicts held in memory (name -> array of any supported library).
 
-    Same rules as `merge`: gradients and filters in `params`, per-model `model_params`.
+    Same rules as `merge`: gradients and filters in `params`, per-model `model_params` (one
+    mapping per model); a tensor that some models lack or hold in another shape is an error,
+    or with `allow_mismatch` copied from the base (or first model) with a `MergeWarning`;
+    integer and boolean tensors (step counters) are copied from the base (or first model),
+    with a warning when the models disagree about them.
     """
     spec = get(method)
     spec.check_count(len(models), base is not None)
-    per_model = list(model_params or [{} for _ in models])
-    sources = [
-        Source(m, dict(p), label=f"model {i}") for i, (m, p) in enumerate(zip(models, per_model))
-    ]
-    reference = base if base is not None else models[0]
+    per_model = list(model_params) if model_params is not None else [{} for _ in models]
+    if len(per_model) != len(models):
+        raise InvalidInput(f"{len(per_model)} per-model parameter sets for {len(models)} models")
+    labels = [f"model {i}" for i in range(len(models))]
+    sources = [Source(m, dict(p), label=lb) for m, p, lb in zip(models, per_model, labels)]
+    everyone = list(zip([*models, *([base] if base is not None else [])], [*labels, "the base"]))
+    reference, ref_label = (base, "the base") if base is not None else (models[0], labels[0])
+    names = dict.fromkeys(reference)
+    for state, _ in everyone:
+        names.update(dict.fromkeys(n for n in state if n not in names))
     n_layers = layer_count(reference)
     out = {}
-    for name in reference:
-        for src in sources:
-            if name not in src.checkpoint:
-                raise PlanError(f"tensor {name!r} is missing from {src.label}")
+    for name in names:
+        holders = [(state[name], label) for state, label in everyone if name in state]
+        problem = _mismatch(name, everyone, holders)
+        if problem:
+            if not allow_mismatch:
+                raise PlanError(f"{problem} ({MISMATCH_HINT})")
+            if name in reference:
+                out[name] = reference[name]
+                _warn(f"{problem}; copied from {ref_label}")
+            else:
+                _warn(f"{problem}; left out (not in {ref_label})")
+            continue
+        if not _is_float(reference[name]):
+            if any(not _equal(reference[name], x) for x, _ in holders):
+                _warn(f"integer tensor {name!r} differs between the models; kept {ref_label}'s")
+            out[name] = reference[name]
+            continue
         values = _per_tensor_params(spec, params, sources, name, layer_index(name), n_layers)
-        out[name] = spec(
-            [s.checkpoint[name] for s in sources],
-            base=None if base is None else base[name],
-            tensor_name=name,
-            **values,
-        )
+        try:
+            out[name] = spec(
+                [s.checkpoint[name] for s in sources],
+                base=None if base is None else base[name],
+                tensor_name=name,
+                **values,
+            )
+        except InvalidInput as exc:
+            raise InvalidInput(f"{exc} (tensor {name!r})") from None
     return out
+
+
+def _mismatch(name: str, everyone, holders) -> str:
+    """Why tensor `name` cannot be merged as it is (missing somewhere, shapes differ), or ''."""
+    missing = [label for state, label in everyone if name not in state]
+    if missing:
+        return f"tensor {name!r} is missing from {', '.join(missing)}"
+    shapes = {tuple(x.shape) for x, _ in holders}
+    if len(shapes) > 1:
+        listed = ", ".join(f"{label} {tuple(x.shape)}" for x, label in holders)
+        return f"tensor {name!r} has mismatched shapes: {listed}"
+    return ""
+
+
+def _is_float(x: Any) -> bool:
+    from mmerge import backend
+
+    if backend.is_numpy_bfloat16(x):
+        return True
+    xp = backend.namespace(x)
+    return bool(xp.isdtype(x.dtype, "real floating"))
+
+
+def _equal(a: Any, b: Any) -> bool:
+    from mmerge import backend
+
+    if backend.library_name(a) != backend.library_name(b) or a.dtype != b.dtype:
+        return False
+    xp = backend.namespace(a, b)
+    return bool(xp.all(a == b))
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, MergeWarning, stacklevel=3)
 
 
 def run_recipe(
@@ -192,14 +253,17 @@ def run_recipe(
     compute_dtype: str = "float32",
     shard_size: int | None = None,
     resume: bool = False,
+    allow_mismatch: bool = False,
+    overwrite: bool = False,
     dry_run: bool = False,
     on_progress=None,
 ) -> MergeResult:
-    """Run a mergekit-style recipe (a YAML path or the same structure as a dict)."""
+    """Run a mergekit-style recipe (a YAML path or the same structure as a dict); options as
+    in `merge`."""
     from mmerge.engine.recipe import load_recipe, plan_recipe
 
     data, root = load_recipe(recipe)
-    plan, checkpoints, copy_from, out_dtype = plan_recipe(data, root)
+    plan, checkpoints, copy_from = plan_recipe(data, root, allow_mismatch=allow_mismatch)
     return execute_plan(
         plan,
         checkpoints,
@@ -208,6 +272,6 @@ def run_recipe(
         run=_execution(backend, device, compute_dtype, on_progress),
         shard_size=shard_size,
         resume=resume,
+        overwrite=overwrite,
         dry_run=dry_run,
-        out_dtype=out_dtype,
     )

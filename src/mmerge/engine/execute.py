@@ -18,6 +18,7 @@ import numpy as np
 
 from mmerge.engine.allocator import keep_chunk_memory
 from mmerge.engine.plan import Plan, PlanItem
+from mmerge.io.dtypes import DTYPES, check_fits
 from mmerge.methods._common import SUM_BLOCK
 
 CHUNK_ELEMENTS = 1 << 19  # 2 MiB of float32 per input per chunk: stays in cache
@@ -223,7 +224,9 @@ def _run_task(task: _Task, writer, run: Execution) -> None:
             task.item.name, _typed(task.item.sources[0], task.start, task.stop), start=task.start
         )
     else:
-        writer.write(task.item.name, _compute(task, run), start=task.start)
+        merged = _compute(task, run)
+        check_fits(merged, DTYPES[task.item.out_dtype], task.item.name)
+        writer.write(task.item.name, merged, start=task.start)
 
 
 def execute(plan: Plan, writer, run: Execution = Execution()) -> None:

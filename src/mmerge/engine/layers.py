@@ -26,3 +26,12 @@ def rename_layer(name: str, new_index: int) -> str:
     if m is None:
         return name
     return name[: m.start(1)] + str(new_index) + name[m.end(1) :]
+
+
+_EMBEDDING = re.compile(r"embed|(?:^|\.)(?:wte|wpe|tok_embeddings)\.")
+
+
+def is_embedding(name: str) -> bool:
+    """True for token and position embeddings (`model.embed_tokens.weight`, GPT-2's `wte`):
+    the tensors before the layers, as opposed to the final norm and head after them."""
+    return layer_index(name) is None and _EMBEDDING.search(name) is not None

@@ -16,9 +16,9 @@ _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5"
 _SKIP_NAMES = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
 
 
-def files_to_copy(checkpoint_path: Path) -> list[Path]:
+def files_to_copy(checkpoint_path: Path | None) -> list[Path]:
     """Non-tensor files of an HF folder (config, tokenizer, generation config, ...)."""
-    if not checkpoint_path.is_dir():
+    if checkpoint_path is None or not checkpoint_path.is_dir():
         return []
     return sorted(
         p
@@ -57,7 +57,7 @@ class OutputOptions:
     shard_size: int | None = None
     resume: bool = False
     copy_files_from: Path | None = None  # HF folder whose config/tokenizer files are copied
-    out_dtype_name: str | None = None  # recorded as torch_dtype in a copied config.json
+    overwrite: bool = False  # replace an existing output (once the new one is complete)
 
 
 def layout_for(path: Path, shard_size: int | None) -> str:
@@ -71,6 +71,7 @@ def write_plan(plan: Plan, checkpoints: Sequence, options: OutputOptions, run: E
 
     specs = [TensorSpec(item.name, item.out_dtype, item.shape) for item in plan.items]
     layout = layout_for(options.path, options.shard_size)
+    extra = files_to_copy(options.copy_files_from) if layout == "folder" else []
     with StreamingWriter(
         options.path,
         specs,
@@ -79,26 +80,60 @@ def write_plan(plan: Plan, checkpoints: Sequence, options: OutputOptions, run: E
         inputs=[c.path for c in checkpoints],
         resume=options.resume,
         layout=layout,
+        overwrite=options.overwrite,
+        reserve_bytes=sum(f.stat().st_size + 4096 for f in extra),
     ) as writer:
         execute(plan, writer, run)
-        if layout == "folder" and options.copy_files_from is not None:
-            _copy_files(writer, options)
+        for src in extra:
+            edited = _edited_config(src, plan) if src.name == "config.json" else None
+            if edited is None:
+                writer.add_file(src)
+                continue
+            with tempfile.TemporaryDirectory(prefix="mmerge-config-") as tmp:
+                out = Path(tmp) / src.name
+                out.write_text(json.dumps(edited, indent=2) + "\n")
+                writer.add_file(out)
         return writer.commit()
 
 
-def _copy_files(writer, options: OutputOptions) -> None:
-    for src in files_to_copy(options.copy_files_from):
-        if src.name == "config.json" and options.out_dtype_name:
-            with tempfile.TemporaryDirectory(prefix="mmerge-config-") as tmp:
-                writer.add_file(_retyped_config(src, options.out_dtype_name, Path(tmp)))
-        else:
-            writer.add_file(src)
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+DTYPE_KEYS = ("torch_dtype", "dtype")
 
 
-def _retyped_config(src: Path, dtype_name: str, folder: Path) -> Path:
-    """A copy of config.json in `folder` whose torch_dtype names the output dtype."""
-    config = json.loads(src.read_text())
-    config["torch_dtype"] = dtype_name
-    out = folder / "config.json"
-    out.write_text(json.dumps(config, indent=2) + "\n")
-    return out
+def _edited_config(src: Path, plan: Plan) -> dict | None:
+    """config.json as the output needs it, or None when the copy is right as it is: the dtype
+    field names the output's dtype, and after layer stacking the layer count and every
+    per-layer list follow the stacked layers (in the config and in a `text_config`)."""
+    try:
+        config = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None  # not JSON we understand: copied as it is
+    if not isinstance(config, dict):
+        return None
+    edited = json.loads(json.dumps(config))
+    dtype = plan.out_dtype_name()
+    if dtype is not None:
+        keys = [k for k in DTYPE_KEYS if k in edited] or ["torch_dtype"]
+        for key in keys:
+            edited[key] = dtype
+    if plan.layer_sources is not None:
+        for part in (edited, edited.get("text_config")):
+            if isinstance(part, dict):
+                _stack_layers(part, plan.layer_sources)
+    return None if edited == config else edited
+
+
+def _stack_layers(config: dict, layer_sources: list[int]) -> None:
+    """Set the layer count to the stacked one, and take each per-layer list's entries (lists
+    as long as the source's layer count, such as `layer_types`) from the source layers."""
+    counts = [config[k] for k in LAYER_COUNT_KEYS if isinstance(config.get(k), int)]
+    if not counts:
+        return
+    n_src = counts[0]
+    for key in LAYER_COUNT_KEYS:
+        if isinstance(config.get(key), int):
+            config[key] = len(layer_sources)
+    for key, value in list(config.items()):
+        per_layer = isinstance(value, list) and len(value) == n_src > 1
+        if per_layer and all(i < n_src for i in layer_sources):
+            config[key] = [value[i] for i in layer_sources]

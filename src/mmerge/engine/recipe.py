@@ -1,8 +1,10 @@
 """mergekit-style YAML recipes: read, check every key, and turn into a plan.
 
 Supported: merge_method, models (with per-model parameters), base_model, parameters (scalars,
-gradients, filter lists), dtype, out_dtype, slices (sources with layer_range), and
-tokenizer_source: base. Any other key is an error that names it, never silently ignored.
+gradients, filter lists), dtype, out_dtype, slices (sources with layer_range, and the slice's own
+parameters and base_model), and tokenizer_source: base. Any other key is an error that names it,
+never silently ignored. A parameter that another method uses but this one does not (mergekit's
+tests pass `weight` to slerp) is ignored, as mergekit does, with a warning.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from mmerge.engine.plan import Plan, Slice, Source, build_plan, build_slice_plan
 from mmerge.errors import PlanError
+from mmerge.methods.registry import MethodSpec, all_methods, get
 
 TOP_KEYS = {
     "merge_method",
@@ -27,6 +30,7 @@ TOP_KEYS = {
 }
 MODEL_KEYS = {"model", "parameters"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
+SLICE_KEYS = {"sources", "parameters", "base_model"}
 IGNORED_PARAMS = {"int8_mask"}  # memory tricks of mergekit with no effect on the result
 
 
@@ -73,17 +77,25 @@ def _model_path(value: Any, root: Path) -> Path:
     )
 
 
-def _params(raw: Any, where: str, warnings: list[str]) -> dict[str, Any]:
+def _params(raw: Any, where: str, spec: MethodSpec, warnings: list[str]) -> dict[str, Any]:
+    """A parameters mapping, less what mergekit would ignore for this method (with a warning).
+    Names no method knows stay, so that the plan reports them as errors."""
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
         raise RecipeError(f"{where}: parameters must be a mapping, got {raw!r}")
+    used = {p.name for p in spec.params}
+    known = {p.name for m in all_methods() for p in m.params}
     out = {}
     for key, value in raw.items():
         if key in IGNORED_PARAMS:
             warnings.append(f"{where}: parameter {key!r} has no effect in mmerge; ignored")
-            continue
-        out[key] = value
+        elif key not in used and key in known:
+            warnings.append(
+                f"{where}: {spec.name} does not use parameter {key!r}; ignored (as mergekit does)"
+            )
+        else:
+            out[key] = value
     return out
 
 
@@ -103,25 +115,28 @@ class RecipeModels:
 
 
 def plan_recipe(
-    recipe: Mapping[str, Any], root: Path
-) -> tuple[Plan, list, Path | None, str | None]:
-    """(plan, opened checkpoints, folder to copy config/tokenizer from, output dtype name)."""
+    recipe: Mapping[str, Any], root: Path, *, allow_mismatch: bool = False
+) -> tuple[Plan, list, Path | None]:
+    """(plan, opened checkpoints, folder to copy config/tokenizer files from)."""
     _unknown(recipe, TOP_KEYS, "recipe")
     warnings: list[str] = []
     method = recipe.get("merge_method")
     if not method:
         raise RecipeError("recipe: 'merge_method' is required")
+    spec = get(str(method))
     tok = recipe.get("tokenizer_source")
     if tok not in (None, "base"):
         raise RecipeError(f"recipe: tokenizer_source {tok!r} is not supported (only 'base')")
     opened = RecipeModels(root)
     base_ckpt = opened.get(recipe["base_model"]) if recipe.get("base_model") else None
-    params = _params(recipe.get("parameters"), "recipe parameters", warnings)
+    params = _params(recipe.get("parameters"), "recipe parameters", spec, warnings)
     out_dtype = recipe.get("out_dtype") or recipe.get("dtype")
     if recipe.get("slices") is not None:
         if recipe.get("models") is not None:
             raise RecipeError("recipe: give either 'models' or 'slices', not both")
-        plan = _slice_plan(recipe["slices"], method, base_ckpt, params, out_dtype, opened, warnings)
+        plan = _slice_plan(recipe["slices"], spec, base_ckpt, params, out_dtype, opened, warnings)
+        if allow_mismatch:
+            warnings.append("--allow-mismatch has no effect on layer stacking")
     else:
         models = recipe.get("models")
         if not isinstance(models, list) or not models:
@@ -134,7 +149,7 @@ def plan_recipe(
             ckpt = opened.get(entry.get("model"))
             src = Source(
                 ckpt,
-                _params(entry.get("parameters"), f"models[{i}]", warnings),
+                _params(entry.get("parameters"), f"models[{i}]", spec, warnings),
                 label=str(ckpt.path),
             )
             if ckpt is base_ckpt:
@@ -143,21 +158,33 @@ def plan_recipe(
                 sources.append(src)
         if base_ckpt is not None and base_src is None:
             base_src = Source(base_ckpt, {}, label=str(base_ckpt.path))
-        plan = build_plan(sources, method=method, base=base_src, params=params, out_dtype=out_dtype)
+        plan = build_plan(
+            sources,
+            method=spec,
+            base=base_src,
+            params=params,
+            out_dtype=out_dtype,
+            allow_mismatch=allow_mismatch,
+        )
     plan.warnings[:0] = warnings
     first = base_ckpt or next(iter(opened.opened.values()))
     copy_from = first.path if first.path.is_dir() else None
-    return plan, list(opened.opened.values()), copy_from, out_dtype
+    return plan, list(opened.opened.values()), copy_from
 
 
-def _slice_plan(slices, method, base_ckpt, params, out_dtype, opened, warnings) -> Plan:
+def _slice_plan(slices, spec, base_ckpt, params, out_dtype, opened, warnings) -> Plan:
     if not isinstance(slices, list):
         raise RecipeError("recipe: 'slices' must be a list")
-    built, base_src = [], None
+    built = []
     by_ckpt: dict[int, Source] = {}
+
+    def source(ckpt, raw, where) -> Source:
+        return Source(ckpt, _params(raw, where, spec, warnings), label=str(ckpt.path))
+
     for i, sl in enumerate(slices):
-        if not isinstance(sl, Mapping) or set(sl) != {"sources"}:
-            raise RecipeError(f"slices[{i}]: expected a mapping with only 'sources'")
+        if not isinstance(sl, Mapping) or not isinstance(sl.get("sources"), list):
+            raise RecipeError(f"slices[{i}]: expected a mapping with a 'sources' list")
+        _unknown(sl, SLICE_KEYS, f"slices[{i}]")
         entries = []
         for j, src in enumerate(sl["sources"]):
             where = f"slices[{i}].sources[{j}]"
@@ -169,16 +196,24 @@ def _slice_plan(slices, method, base_ckpt, params, out_dtype, opened, warnings) 
             if (
                 not isinstance(rng, list)
                 or len(rng) != 2
-                or not all(isinstance(v, int) for v in rng)
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in rng)
                 or not 0 <= rng[0] < rng[1]
             ):
                 raise RecipeError(f"{where}: layer_range must be [start, stop) with start < stop")
-            source = Source(
-                ckpt, _params(src.get("parameters"), where, warnings), label=str(ckpt.path)
+            entry = source(ckpt, src.get("parameters"), where)
+            by_ckpt.setdefault(id(ckpt), entry)
+            entries.append((entry, rng[0], rng[1]))
+        slice_base = None
+        if sl.get("base_model"):
+            slice_base = source(opened.get(sl["base_model"]), None, f"slices[{i}]")
+        built.append(
+            Slice(
+                tuple(entries),
+                params=_params(sl.get("parameters"), f"slices[{i}].parameters", spec, warnings),
+                base=slice_base,
             )
-            by_ckpt.setdefault(id(ckpt), source)
-            entries.append((source, rng[0], rng[1]))
-        built.append(Slice(tuple(entries)))
+        )
+    base_src = None
     if base_ckpt is not None:
         base_src = by_ckpt.get(id(base_ckpt)) or Source(base_ckpt, {}, label=str(base_ckpt.path))
-    return build_slice_plan(built, method=method, base=base_src, params=params, out_dtype=out_dtype)
+    return build_slice_plan(built, method=spec, base=base_src, params=params, out_dtype=out_dtype)

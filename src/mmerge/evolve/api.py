@@ -176,9 +176,7 @@ def check_space(space: SearchSpace, in_memory: bool) -> None:
         raise InvalidInput("in-memory evaluation supports 'models' recipes, not 'slices'")
     for unit, where in ((0.0, "low end"), (0.5, "midpoint"), (1.0, "high end")):
         try:
-            _plan, checkpoints, _copy, _dtype = plan_recipe(
-                space.recipe(space.corner(unit)), Path.cwd()
-            )
+            checkpoints = plan_recipe(space.recipe(space.corner(unit)), Path.cwd())[1]
         except (MmergeError, OSError) as exc:
             raise InvalidInput(f"with every range at its {where}: {exc}") from None
         for c in checkpoints:

@@ -267,7 +267,7 @@ def evolve(
     except KeyboardInterrupt:
         progress.close()
         click.echo("interrupted; run the same command again to continue the study", err=True)
-        sys.exit(130)
+        click.get_current_context().exit(130)
     progress.close()
     _print(summary, as_json, quiet)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from mmerge.errors import InvalidInput
+from mmerge.errors import InvalidInput, MmergeError
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,29 @@ def widen_to_float32(raw: np.ndarray, dt: DType, out: np.ndarray) -> np.ndarray:
     src = raw.view(dt.value) if dt.needs_widening else raw
     np.copyto(out, src, casting="unsafe")
     return out
+
+
+def check_fits(values: np.ndarray, dt: DType, name: str) -> None:
+    """MmergeError naming tensor `name` when a finite value of `values` would become infinite
+    in `dt` (float16's 65504, say): a merge result is written as it is or refused, never as inf.
+    Formats that saturate (F8_E4M3) and integers are not checked."""
+    if dt.saturate is not None or values.dtype.kind != "f" or dt.value.kind not in "fV":
+        return
+    if dt.code not in ("F16", "BF16", "F8_E5M2") or values.size == 0:
+        return
+    limit = float(np.finfo(dt.value).max)
+    hi, lo = float(values.max()), float(values.min())
+    if max(hi, -lo) < limit:
+        return
+    with np.errstate(over="ignore"):
+        converted = values.astype(dt.value)
+    bad = np.isinf(converted) & np.isfinite(values)
+    if bad.any():
+        worst = float(values[bad][np.argmax(np.abs(values[bad]))])
+        raise MmergeError(
+            f"tensor {name!r}: the merged value {worst:.6g} does not fit {dt.code} (largest "
+            f"{limit:.6g}); choose a wider output dtype (--out-dtype float32)"
+        )
 
 
 def to_storage(values: np.ndarray, dt: DType, scratch: np.ndarray | None = None) -> np.ndarray:

@@ -59,7 +59,10 @@ def read_header(path: Path) -> Header:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
                 raise FormatError(f"{path}: {size} bytes is too short for a safetensors file")
-            (n,) = struct.unpack("<Q", f.read(8))
+            prefix = f.read(8)
+            (n,) = struct.unpack("<Q", prefix)
+            if n > min(MAX_HEADER_BYTES, size - 8) and (kind := _other_format(prefix)):
+                raise FormatError(f"{path}: not a safetensors file ({kind})")
             if n > MAX_HEADER_BYTES:
                 raise FormatError(
                     f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES} byte cap"
@@ -74,6 +77,25 @@ def read_header(path: Path) -> Header:
     if len(raw) != n:
         raise FormatError(f"{path}: file shrank while reading its header")
     return parse_header(path, raw, size)
+
+
+_MAGIC = {
+    b"PK\x03\x04": "a zip archive, as PyTorch's .bin/.pt checkpoints are; convert it to "
+    "safetensors first",
+    b"GGUF": "a GGUF file; convert it to safetensors first",
+    b"\x80": "a Python pickle; mmerge never unpickles, convert it to safetensors first",
+}
+
+
+def _other_format(prefix: bytes) -> str | None:
+    """What a file whose first 8 bytes are no plausible header length looks like, if known."""
+    for magic, what in _MAGIC.items():
+        if prefix.startswith(magic):
+            return what
+    if all(32 <= b < 127 or b in b"\t\n\r" for b in prefix):
+        shown = prefix.decode("ascii").replace("\n", " ").strip()
+        return f"it is text, beginning {shown!r}"
+    return None
 
 
 def parse_header(path: Path, raw: bytes, file_size: int) -> Header:

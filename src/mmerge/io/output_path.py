@@ -1,5 +1,6 @@
-"""Safety around the output's name: never write over an input or a folder that is not a
-checkpoint, and move a finished output into place as atomically as the OS allows."""
+"""Safety around the output's name: never write over an input, never replace an existing output
+unless asked, never delete what is not a checkpoint, and move a finished output into place so
+that the old one survives any failure."""
 
 from __future__ import annotations
 
@@ -25,18 +26,33 @@ def check_not_an_input(output: Path, inputs: Sequence[str | Path]) -> None:
             )
 
 
-def check_replaceable(output: Path) -> None:
-    """InvalidInput unless `output` is absent, a .safetensors file, or a folder of plain files
-    holding safetensors (an earlier output): anything else is never deleted."""
-    if not output.exists():
+def occupied(output: Path) -> bool:
+    """True when `output` exists and is not an empty folder: writing there replaces something."""
+    if output.is_symlink() or output.is_file():
+        return True
+    if output.is_dir():
+        return any(output.iterdir())
+    return output.exists()
+
+
+def check_replaceable(output: Path, overwrite: bool) -> None:
+    """InvalidInput unless `output` is absent or an empty folder, or `overwrite` is set and it
+    is a .safetensors file or a folder of plain files holding safetensors (an earlier output):
+    a user's files are never replaced unasked, and what is not a checkpoint never at all."""
+    if not occupied(output):
         return
-    if output.is_file():
+    if not overwrite:
+        raise InvalidInput(
+            f"{output} already exists and is not empty; pass --overwrite (overwrite=True in "
+            "the library) to replace it once the new output is complete"
+        )
+    if output.is_file() and not output.is_symlink():
         if output.name.endswith(SUFFIX):
             return
-    elif output.is_dir():
+    elif output.is_dir() and not output.is_symlink():
         entries = list(output.iterdir())
-        if not any(e.is_dir() for e in entries) and (
-            not entries or any(e.name.endswith(SUFFIX) or e.name == INDEX_NAME for e in entries)
+        if not any(e.is_dir() for e in entries) and any(
+            e.name.endswith(SUFFIX) or e.name == INDEX_NAME for e in entries
         ):
             return
     raise InvalidInput(
@@ -52,21 +68,32 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
+def _aside_name(dst: Path) -> Path:
+    """A free name beside `dst` for the old output while the new one moves in."""
+    for k in range(1000):
+        candidate = dst.with_name(f"{dst.name}.mmerge-old{'' if k == 0 else f'-{k}'}")
+        if not candidate.exists() and not candidate.is_symlink():
+            return candidate
+    raise InvalidInput(f"too many {dst.name}.mmerge-old* entries beside {dst}; remove them")
+
+
 def replace(src: Path, dst: Path) -> None:
-    """Move `src` to `dst`: one atomic rename, unless `dst` is a non-empty folder; then the old
-    output is first moved aside and deleted after (the final name is briefly absent, never
-    partial)."""
-    try:
+    """Move `src` to `dst`. A file over a file is one atomic rename; otherwise the old output is
+    renamed aside, the new one renamed in, and the old one deleted only after that succeeded.
+    If the second rename fails, the old output is moved back before the error is raised."""
+    if dst.is_dir() and not dst.is_symlink() and not occupied(dst):
+        dst.rmdir()  # an empty folder holds nothing to keep, and a file cannot replace it
+    if not occupied(dst) or (src.is_file() and dst.is_file() and not dst.is_symlink()):
         os.replace(src, dst)
         return
-    except OSError:
-        if not dst.exists():
-            raise
-    old = dst.with_name(dst.name + ".mmerge-old")
-    remove(old)
-    os.replace(dst, old)
-    os.replace(src, dst)
-    remove(old)
+    aside = _aside_name(dst)
+    os.replace(dst, aside)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        os.replace(aside, dst)
+        raise
+    remove(aside)
 
 
 def fsync_dir(path: Path) -> None:

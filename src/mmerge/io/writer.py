@@ -18,7 +18,7 @@ from mmerge.errors import InvalidInput, MmergeError
 from mmerge.io.checkpoint import INDEX_NAME, SUFFIX
 from mmerge.io.dtypes import DTYPES, to_storage
 from mmerge.io.header import check_metadata
-from mmerge.io.journal import Journal
+from mmerge.io.journal import Journal, input_identity
 from mmerge.io.layout import (
     DEFAULT_SHARD_SIZE,
     Shard,
@@ -27,7 +27,13 @@ from mmerge.io.layout import (
     shard_name,
     split_shards,
 )
-from mmerge.io.output_path import check_not_an_input, check_replaceable, fsync_dir, remove, replace
+from mmerge.io.output_path import (
+    check_not_an_input,
+    check_replaceable,
+    fsync_dir,
+    remove,
+    replace,
+)
 
 CHUNK_BYTES = 8 << 20  # storage bytes converted and written per pwrite
 LAYOUTS = ("file", "folder")
@@ -40,6 +46,9 @@ class StreamingWriter:
     journal to `<output>.mmerge-journal`; `commit` renames the partial output into place.
     Leaving a `with` block normally commits; leaving it with an exception keeps the partial
     output and journal for `resume=True`, and never puts anything under the final name.
+    An existing output is replaced only with `overwrite=True`, and only once the new one is
+    complete. `reserve_bytes` counts the files the caller will `add_file`, so that the space
+    check at the start covers everything written.
     """
 
     def __init__(
@@ -52,13 +61,16 @@ class StreamingWriter:
         inputs: Sequence[str | Path] = (),
         resume: bool = False,
         layout: str | None = None,
+        overwrite: bool = False,
+        reserve_bytes: int = 0,
     ):
         self.output = Path(output)
+        self.overwrite = overwrite
         self.specs = [s if isinstance(s, TensorSpec) else TensorSpec(*s) for s in specs]
         self.layout = _resolve_layout(self.output, layout, shard_size)
         self.metadata = {"format": "pt", **check_metadata(metadata)}
         check_not_an_input(self.output, inputs)
-        check_replaceable(self.output)
+        check_replaceable(self.output, overwrite)
         groups = self._groups(shard_size)
         names = (
             [self.output.name]
@@ -68,29 +80,39 @@ class StreamingWriter:
         self._shards, self._slots = plan_layout(groups, self.metadata, names)
         self.partial = self.output.with_name(self.output.name + ".mmerge-partial")
         self._journal = Journal(
-            self.output.with_name(self.output.name + ".mmerge-journal"), self._layout_digest()
+            self.output.with_name(self.output.name + ".mmerge-journal"),
+            self._layout_digest(),
+            input_identity(inputs),
         )
+        self._reserve = reserve_bytes
         self._lock = threading.Lock()
         self._scratch = threading.local()  # per-thread conversion buffer, reused across writes
         self._fds: list[int] = []
         self._written = dict.fromkeys(self._slots, 0)
         self._done = False
-        self.output.parent.mkdir(parents=True, exist_ok=True)
         finished = self._journal.load() if resume else None
         reuse = finished is not None and self._partial_matches()
         self._finished = set(finished) & set(self._slots) if reuse else set()
         try:
+            self.output.parent.mkdir(parents=True, exist_ok=True)
             if reuse:
                 self._open_existing()
             else:
                 self._create()
             self._journal.start([s.name for s in self.specs if s.name in self._finished])
+        except OSError as exc:
+            self._fail(reuse)
+            raise _disk_error(exc, self.output, self._bytes_needed()) from None
         except BaseException:
-            self._close_files()
-            if not reuse:  # a fresh start that failed leaves nothing behind
-                remove(self.partial)
-                self._journal.remove()
+            self._fail(reuse)
             raise
+
+    def _fail(self, reuse: bool) -> None:
+        """Undo a start that failed: a fresh start leaves nothing behind."""
+        self._close_files()
+        if not reuse:
+            remove(self.partial)
+            self._journal.remove()
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -137,16 +159,22 @@ class StreamingWriter:
         for shard in self._shards:
             self._fds.append(os.open(self._shard_path(shard), os.O_RDWR))
 
+    def _bytes_needed(self) -> int:
+        """Everything this output writes: shards, index, journal and the caller's files."""
+        index = len(self._index_bytes()) if self.layout == "folder" else 0
+        journal = self._journal.bytes_needed([s.name for s in self.specs])
+        return sum(s.size for s in self._shards) + index + journal + self._reserve
+
     def _create(self) -> None:
         remove(self.partial)
         self._journal.remove()
-        _check_free_space(self.output.parent, sum(s.size for s in self._shards))
+        _check_free_space(self.output.parent, self._bytes_needed())
         if self.layout == "folder":
             self.partial.mkdir()
         for shard in self._shards:
             fd = os.open(self._shard_path(shard), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
-            _preallocate(fd, shard.size, self.output)
+            _preallocate(fd, shard.size)
             _pwrite_all(fd, memoryview(shard.header), 0)
 
     # -- writing ------------------------------------------------------------------------------
@@ -174,7 +202,10 @@ class StreamingWriter:
         for s in range(0, n, step):
             data = to_storage(values[s : s + step], slot.dtype, scratch)
             offset = slot.offset + (int(start) + s) * slot.dtype.itemsize
-            _pwrite_all(fd, memoryview(data).cast("B"), offset)
+            try:
+                _pwrite_all(fd, memoryview(data).cast("B"), offset)
+            except OSError as exc:
+                raise _disk_error(exc, self.output, self._bytes_needed()) from None
         with self._lock:
             self._written[name] += n
 
@@ -207,7 +238,10 @@ class StreamingWriter:
             raise InvalidInput(f"{name!r} is not a plain file name")
         if name == INDEX_NAME or name.endswith(SUFFIX):
             raise InvalidInput(f"{name!r} would clash with the output's own tensor files")
-        shutil.copyfile(src, self.partial / name)
+        try:
+            shutil.copyfile(src, self.partial / name)
+        except OSError as exc:
+            raise _disk_error(exc, self.output, self._bytes_needed()) from None
 
     def _slot(self, name: str):
         self._check_open()
@@ -231,10 +265,14 @@ class StreamingWriter:
             shown = ", ".join(repr(n) for n in missing[:3])
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise InvalidInput(f"{self.output}: tensors not written: {shown}{more}")
-        if self.layout == "folder":
-            self._write_index()
-        for fd in self._fds:
-            os.fsync(fd)
+        check_replaceable(self.output, self.overwrite)  # it may have appeared meanwhile
+        try:
+            if self.layout == "folder":
+                self._write_index()
+            for fd in self._fds:
+                os.fsync(fd)
+        except OSError as exc:
+            raise _disk_error(exc, self.output, self._bytes_needed()) from None
         self._close_files()
         if self.layout == "folder":
             fsync_dir(self.partial)
@@ -244,16 +282,19 @@ class StreamingWriter:
         self._done = True
         return self.output
 
-    def _write_index(self) -> None:
+    def _index_bytes(self) -> bytes:
+        """The Hugging Face index of a folder output: every tensor's shard, and the total."""
         weight_map = {}
         for spec in self.specs:
             weight_map[spec.name] = self._shards[self._slots[spec.name].shard].name
         total = sum(s.nbytes for s in self.specs)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        text = json.dumps(index, indent=2, ensure_ascii=False)
+        return (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+    def _write_index(self) -> None:
         fd = os.open(self.partial / INDEX_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _pwrite_all(fd, memoryview((text + "\n").encode("utf-8")), 0)
+            _pwrite_all(fd, memoryview(self._index_bytes()), 0)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -299,16 +340,33 @@ def _resolve_layout(output: Path, layout: str | None, shard_size: int | None) ->
     return layout
 
 
+def _space_message(folder: Path, needed: int) -> str:
+    try:
+        free = f"{shutil.disk_usage(folder).free / 1e9:.2f} GB free"
+    except OSError:
+        free = "free space unknown"
+    return (
+        f"not enough disk space in {folder}: the output needs {needed / 1e9:.2f} GB "
+        f"({needed} bytes), {free}"
+    )
+
+
 def _check_free_space(folder: Path, needed: int) -> None:
-    free = shutil.disk_usage(folder).free
-    if needed > free:
-        raise MmergeError(
-            f"not enough disk space in {folder}: the output needs {needed / 1e9:.2f} GB, "
-            f"{free / 1e9:.2f} GB free"
-        )
+    if needed > shutil.disk_usage(folder).free:
+        raise MmergeError(_space_message(folder, needed))
 
 
-def _preallocate(fd: int, size: int, output: Path) -> None:
+def _disk_error(exc: OSError, output: Path, needed: int) -> MmergeError:
+    """An OSError while creating or finishing `output` as one line naming the output."""
+    if exc.errno == errno.ENOSPC:
+        return MmergeError(_space_message(output.parent, needed))
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return MmergeError(f"cannot write the output {output}: {reason} (in {output.parent})")
+    return MmergeError(f"cannot write the output {output}: {reason}")
+
+
+def _preallocate(fd: int, size: int) -> None:
     """Reserve the file's blocks now, so a full disk fails here and not mid-merge."""
     if size == 0:
         return
@@ -319,16 +377,11 @@ def _preallocate(fd: int, size: int, output: Path) -> None:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise MmergeError(f"not enough disk space for {output} ({size} bytes)") from None
+            raise
         os.ftruncate(fd, size)  # file systems without fallocate: a sparse file
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    try:
-        while data:
-            n = os.pwrite(fd, data, offset)
-            data, offset = data[n:], offset + n
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise MmergeError("the disk is full: the output could not be written") from None
-        raise
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n

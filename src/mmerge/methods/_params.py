@@ -58,12 +58,14 @@ def normalize(default: bool, what: str = "divide by the sum of the (agreeing) we
 
 
 def rescale(default: str) -> Param:
-    """How survivors of a drop are rescaled: l1 (mergekit), inverse_density (paper), none."""
+    """How survivors of a drop are rescaled: l1 (mergekit), inverse_density (paper), none.
+    mergekit's boolean spelling is accepted: true is l1, false is none."""
     return Param(
         "rescale",
         str,
         default,
-        "rescale survivors: l1 (match sum|delta|), inverse_density (divide by keep "
-        "probability), none",
+        "rescale survivors: l1 (match sum|delta|; mergekit's true), inverse_density (divide "
+        "by keep probability), none (mergekit's false)",
         choices=("l1", "inverse_density", "none"),
+        synonyms=((True, "l1"), (False, "none")),
     )

@@ -9,7 +9,7 @@ from mmerge.methods.registry import Param, register
 @register(
     "passthrough",
     "copy the single model's tensor (times scale); used by layer-stacking recipes",
-    params=(Param("scale", float, 1.0, "factor applied to the tensor"),),
+    params=(Param("scale", float, 1.0, "factor applied to the tensor", per_model=True),),
     min_models=1,
     max_models=1,
     elementwise=True,
@@ -17,5 +17,6 @@ from mmerge.methods.registry import Param, register
 )
 def passthrough(xp, tensors, *, base, scale):
     no_base("passthrough", base)
-    out = tensors[0] if scale == 1 else tensors[0] * scale
+    (factor,) = scale
+    out = tensors[0] if factor == 1 else tensors[0] * factor
     return finite_result(xp, "passthrough", out, tensors, None)

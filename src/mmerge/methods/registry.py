@@ -39,6 +39,7 @@ class Param:
     high_open: bool = False
     choices: tuple[str, ...] | None = None
     per_model: bool = False
+    synonyms: tuple[tuple[Any, Any], ...] = ()  # other spellings accepted: (given, meant)
 
     def range_text(self) -> str:
         """The valid range as a person reads it, e.g. '(0, 1]' or 'one of l1, none'."""
@@ -55,6 +56,10 @@ class Param:
     def check(self, value: Any, method: str) -> Any:
         """`value` converted to this parameter's type, or a clear error naming the problem."""
         where = f"{method}: parameter {self.name!r}"
+        for given, meant in self.synonyms:
+            if type(value) is type(given) and value == given:
+                value = meant
+                break
         if self.kind is bool:
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
                 value = value.lower() in ("true", "1")

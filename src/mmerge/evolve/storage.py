@@ -95,9 +95,12 @@ def redact(url: str) -> str:
     return f"{scheme}://{user}{':***' if colon else ''}{at}{host}"
 
 
-def _boot_id() -> str:
+def _machine() -> str:
+    """This boot of this machine and this process-id namespace (two containers on one host see
+    different processes under the same ids); empty where /proc does not tell."""
     with contextlib.suppress(OSError):
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot} {os.readlink('/proc/self/ns/pid')}"
     return ""
 
 
@@ -130,7 +133,7 @@ class Liveness:
         self.persistent = not isinstance(self.storage, optuna.storages.InMemoryStorage)
         self.me = {
             "host": socket.gethostname(),
-            "boot": _boot_id(),
+            "boot": _machine(),
             "pid": os.getpid(),
             "start": _start_time(os.getpid()),
         }

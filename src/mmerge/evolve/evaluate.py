@@ -139,6 +139,9 @@ class Command:
             stdout, stderr = proc.communicate()
             _write_log(log, line, stdout, stderr, "timed out")
             raise TrialFailed(f"evaluator timed out after {self.timeout:g} s") from None
+        except BaseException:  # Ctrl-C here: the command is in its own group, so end it too
+            _kill_group(proc)
+            raise
         finally:
             with self._lock:
                 self._running.pop(proc.pid, None)

@@ -96,7 +96,8 @@ class Search:
         """Run trials until the study holds `trials`; Ctrl-C releases the running ones."""
         with self.lock:
             self.liveness.recover()
-        books.tidy(self.study, self.work, self.options.keep_top)
+        with books.folder_lock(self.work):
+            books.tidy(self.study, self.work, self.options.keep_top)
         threads = [
             threading.Thread(target=self._worker, args=(w,), name=f"worker-{w}", daemon=True)
             for w in range(self.options.workers)

@@ -284,8 +284,9 @@ def _run_with_progress(fn, total_fn, quiet: bool, dry_run: bool, **kwargs):
 @click.option(
     "--out-dtype",
     default=None,
-    help="Output dtype (bfloat16, float16, float32); default: the inputs' dtype, or one that "
-    "holds every input dtype when they differ (float32 for float16 with bfloat16).",
+    help="Output dtype (bfloat16, float16, float32; fp8 requantizes quantized inputs with "
+    "fresh block scales); default: the inputs' dtype, or one that holds every input dtype "
+    "when they differ (float32 for float16 with bfloat16); bfloat16 for dequantized fp8.",
 )
 @execution_options
 def stream(

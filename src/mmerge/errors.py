@@ -20,6 +20,11 @@ class FormatError(MmergeError):
     """A checkpoint file or index that breaks the safetensors profile in spec/format.md."""
 
 
+class QuantizationError(FormatError):
+    """A quantized checkpoint whose numbers mmerge cannot read back: an unsupported scheme
+    (packed integers, 4-bit floats) or scales that fit no known layout."""
+
+
 class PlanError(MmergeError):
     """The inputs cannot be merged as asked: missing tensors, shape mismatches, bad recipe."""
 

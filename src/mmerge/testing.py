@@ -123,3 +123,52 @@ def write_model_family(
                     w.add_file(f)
             paths[model] = path
     return paths
+
+
+def write_fp8_model_family(
+    out_dir: str | Path,
+    *,
+    hidden: int = 64,
+    intermediate: int = 128,
+    layers: int = 4,
+    vocab: int = 256,
+    n_finetunes: int = 2,
+    seed: int = 0,
+    delta_scale: float = 0.01,
+    shard_size: int | None = None,
+) -> dict[str, Path]:
+    """Like `write_model_family` (folders), quantized as DeepSeek-V3 publishes its weights:
+    every 2-D layer weight F8_E4M3 with a float32 `_scale_inv` per 128x128 block, the other
+    tensors BF16, and config.json declaring the fp8 quantization_config."""
+    from mmerge.io.requantize import BlockQuantizer, fp8_specs
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shapes = llama_shapes(hidden, intermediate, layers, vocab)
+    quantized = {n: s for n, s in shapes.items() if ".layers." in n and len(s) == 2}
+    specs = [TensorSpec(n, "F8_E4M3" if n in quantized else "BF16", s) for n, s in shapes.items()]
+    specs = fp8_specs(specs, quantized, (128, 128))
+    files = _config_files(hidden, intermediate, layers, vocab, "BF16")
+    files["config.json"]["quantization_config"] = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    }
+    paths = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = []
+        for fname, obj in files.items():
+            (Path(tmp) / fname).write_text(json.dumps(obj, indent=2) + "\n")
+            extra.append(Path(tmp) / fname)
+        for model in ["base"] + [f"ft{k + 1}" for k in range(n_finetunes)]:
+            path = out_dir / model
+            with StreamingWriter(path, specs, shard_size=shard_size, layout="folder") as w:
+                sink = BlockQuantizer(w, quantized, (128, 128))
+                for name, shape in shapes.items():
+                    sink.write(name, model_tensor(seed, model, name, shape, delta_scale))
+                    sink.finish_tensor(name)
+                for f in extra:
+                    w.add_file(f)
+            paths[model] = path
+    return paths

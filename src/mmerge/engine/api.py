@@ -13,6 +13,7 @@ from mmerge.engine.execute import Execution, estimate_peak
 from mmerge.engine.layers import layer_count, layer_index
 from mmerge.engine.output import OutputOptions, write_plan
 from mmerge.engine.plan import MISMATCH_HINT, Plan, Source, _per_tensor_params, build_plan
+from mmerge.engine.quantized_output import plan_dtype, requantize, wants_fp8
 from mmerge.errors import InvalidInput, MergeWarning, PlanError
 from mmerge.methods.registry import get
 
@@ -90,13 +91,16 @@ def merge(
         method=name,
         base=base_src,
         params=params,
-        out_dtype=out_dtype,
+        out_dtype=plan_dtype(out_dtype),
         allow_mismatch=allow_mismatch,
     )
     folder = (base_ckpt or models[0]).path
+    checkpoints = [*models, *([base_ckpt] if base_ckpt else [])]
+    if wants_fp8(out_dtype):
+        requantize(plan, checkpoints, folder)
     return execute_plan(
         plan,
-        [*models, *([base_ckpt] if base_ckpt else [])],
+        checkpoints,
         output,
         copy_files_from=folder if folder.is_dir() else None,
         run=_execution(backend, device, compute_dtype, on_progress),

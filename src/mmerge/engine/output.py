@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmerge.engine.execute import Execution, execute
-from mmerge.engine.plan import Plan
+from mmerge.engine.plan import TORCH_NAMES, Plan
+from mmerge.engine.quantized_output import quantization_config
 
 # Weight files and indexes are never copied: the merged tensors replace them.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
@@ -68,8 +69,12 @@ def layout_for(path: Path, shard_size: int | None) -> str:
 def write_plan(plan: Plan, checkpoints: Sequence, options: OutputOptions, run: Execution) -> Path:
     """Execute `plan` into a new checkpoint at `options.path`; nothing appears there until done."""
     from mmerge.io import StreamingWriter, TensorSpec
+    from mmerge.io.requantize import BlockQuantizer, fp8_specs
 
     specs = [TensorSpec(item.name, item.out_dtype, item.shape) for item in plan.items]
+    requant = plan.requantization
+    if requant is not None:
+        specs = fp8_specs(specs, requant.names, requant.block)
     layout = layout_for(options.path, options.shard_size)
     extra = files_to_copy(options.copy_files_from) if layout == "folder" else []
     with StreamingWriter(
@@ -83,7 +88,11 @@ def write_plan(plan: Plan, checkpoints: Sequence, options: OutputOptions, run: E
         overwrite=options.overwrite,
         reserve_bytes=sum(f.stat().st_size + 4096 for f in extra),
     ) as writer:
-        execute(plan, writer, run)
+        sink = writer
+        if requant is not None:
+            shapes = {item.name: item.shape for item in plan.items if item.name in requant.names}
+            sink = BlockQuantizer(writer, shapes, requant.block, requant.ue8m0)
+        execute(plan, sink, run)
         for src in extra:
             edited = _edited_config(src, plan) if src.name == "config.json" else None
             if edited is None:
@@ -102,8 +111,10 @@ DTYPE_KEYS = ("torch_dtype", "dtype")
 
 def _edited_config(src: Path, plan: Plan) -> dict | None:
     """config.json as the output needs it, or None when the copy is right as it is: the dtype
-    field names the output's dtype, and after layer stacking the layer count and every
-    per-layer list follow the stacked layers (in the config and in a `text_config`)."""
+    field names the output's dtype, quantization_config describes the fp8 output or is gone
+    with dequantized weights (spec/format.md section 6), and after layer stacking the layer
+    count and every per-layer list follow the stacked layers (in the config and in a
+    `text_config`)."""
     try:
         config = json.loads(src.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
@@ -112,6 +123,9 @@ def _edited_config(src: Path, plan: Plan) -> dict | None:
         return None
     edited = json.loads(json.dumps(config))
     dtype = plan.out_dtype_name()
+    quantized = quantization_config(edited, plan)
+    if dtype is None and quantized is not None:
+        dtype = TORCH_NAMES.get(quantized)  # the dequantized weights' dtype
     if dtype is not None:
         keys = [k for k in DTYPE_KEYS if k in edited] or ["torch_dtype"]
         for key in keys:

@@ -123,6 +123,7 @@ class Plan:
     parameters: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     layer_sources: list[int] | None = None
+    requantization: Any = None  # set by engine.quantized_output.requantize for fp8 output
 
     def bytes_read(self) -> int:
         return sum(ref.nbytes for item in self.items for ref in item.inputs())

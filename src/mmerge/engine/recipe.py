@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mmerge.engine.plan import Plan, Slice, Source, build_plan, build_slice_plan
+from mmerge.engine.quantized_output import plan_dtype, requantize, wants_fp8
 from mmerge.errors import PlanError
 from mmerge.methods.registry import MethodSpec, all_methods, get
 
@@ -134,7 +135,9 @@ def plan_recipe(
     if recipe.get("slices") is not None:
         if recipe.get("models") is not None:
             raise RecipeError("recipe: give either 'models' or 'slices', not both")
-        plan = _slice_plan(recipe["slices"], spec, base_ckpt, params, out_dtype, opened, warnings)
+        plan = _slice_plan(
+            recipe["slices"], spec, base_ckpt, params, plan_dtype(out_dtype), opened, warnings
+        )
         if allow_mismatch:
             warnings.append("--allow-mismatch has no effect on layer stacking")
     else:
@@ -163,12 +166,14 @@ def plan_recipe(
             method=spec,
             base=base_src,
             params=params,
-            out_dtype=out_dtype,
+            out_dtype=plan_dtype(out_dtype),
             allow_mismatch=allow_mismatch,
         )
     plan.warnings[:0] = warnings
     first = base_ckpt or next(iter(opened.opened.values()))
     copy_from = first.path if first.path.is_dir() else None
+    if wants_fp8(out_dtype):
+        requantize(plan, list(opened.opened.values()), copy_from)
     return plan, list(opened.opened.values()), copy_from
 
 

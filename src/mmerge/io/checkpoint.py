@@ -1,5 +1,6 @@
 """Open a checkpoint (one file, a sharded Hugging Face folder, or a folder of files) as one
-read-only mapping from tensor name to lazy tensor ref."""
+read-only mapping from tensor name to lazy tensor ref; fp8 tensors with scales appear as the
+dequantized tensors they stand for."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path, PurePosixPath
 
 from mmerge.errors import FormatError
 from mmerge.io.header import Header, read_header
+from mmerge.io.quant_config import read_config
+from mmerge.io.quantization import Quantization, dequantized
 from mmerge.io.tensor_ref import MappedFile, TensorRef
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -18,7 +21,11 @@ SUFFIX = ".safetensors"
 
 
 class Checkpoint(Mapping[str, TensorRef]):
-    """A model on disk: tensor refs in file order (index order for sharded folders)."""
+    """A model on disk: tensor refs in file order (index order for sharded folders).
+
+    `quantization` describes the fp8 scheme recognised, if any: its tensors are QuantizedRefs
+    and its scale tensors are not in the mapping.
+    """
 
     def __init__(
         self,
@@ -26,8 +33,10 @@ class Checkpoint(Mapping[str, TensorRef]):
         headers: list[tuple[Path, Header]],
         maps: list[MappedFile],
         refs: dict[str, TensorRef],
+        quantization: Quantization | None = None,
     ):
         self.path = path
+        self.quantization = quantization
         self.files = [f for f, _ in headers]
         self.is_folder = path.is_dir()
         self._headers = headers
@@ -75,9 +84,14 @@ class Checkpoint(Mapping[str, TensorRef]):
         self.close()
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
+def open_checkpoint(path: str | Path, *, dequantize: bool = True) -> Checkpoint:
     """Open a `.safetensors` file, a folder with `model.safetensors.index.json` and its shards,
-    or a folder of `.safetensors` files; every header is validated before anything is mapped."""
+    or a folder of `.safetensors` files; every header is validated before anything is mapped.
+
+    Quantized tensors are recognised from the folder's config.json and the tensor names and read
+    as their dequantized values; unsupported schemes raise QuantizationError. `dequantize=False`
+    gives every stored tensor as it is (for inspecting a checkpoint mmerge cannot merge).
+    """
     path = Path(path)
     if path.is_dir():
         index = path / INDEX_NAME
@@ -96,13 +110,16 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise FormatError(f"{path}: no such file or folder")
     headers = [(f, read_header(f)) for f in files]
     maps = [MappedFile(f) for f in files]
+    quantization = None
     try:
         refs = _collect(headers, maps, order, path / INDEX_NAME)
+        if dequantize:
+            refs, quantization = dequantized(refs, read_config(path), path)
     except FormatError:
         for m in maps:
             m.close()
         raise
-    return Checkpoint(path, headers, maps, refs)
+    return Checkpoint(path, headers, maps, refs, quantization)
 
 
 def _collect(

@@ -46,6 +46,7 @@ DTYPES: dict[str, DType] = dict(
         _entry("BF16", "<u2", ml_dtypes.bfloat16),
         _entry("F8_E4M3", "u1", ml_dtypes.float8_e4m3fn, 448.0),
         _entry("F8_E5M2", "u1", ml_dtypes.float8_e5m2),
+        _entry("F8_E8M0", "u1", ml_dtypes.float8_e8m0fnu),  # power-of-two scales (ue8m0)
         _entry("I64", "<i8"),
         _entry("I32", "<i4"),
         _entry("I16", "<i2"),

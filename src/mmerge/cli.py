@@ -90,8 +90,8 @@ class _Group(click.Group):
 
 def _resumable(ctx: click.Context) -> bool:
     """True when the interrupted subcommand takes --resume."""
-    sub = ctx.protected_args[:1] or ctx.args[:1]
-    command = ctx.command.get_command(ctx, sub[0]) if sub else None  # type: ignore[attr-defined]
+    name = ctx.invoked_subcommand
+    command = ctx.command.get_command(ctx, name) if name else None  # type: ignore[attr-defined]
     return command is not None and any(p.name == "resume" for p in command.params)
 
 

@@ -88,7 +88,7 @@ def check_fits(values: np.ndarray, dt: DType, name: str) -> None:
         return
     if dt.code not in ("F16", "BF16", "F8_E5M2") or values.size == 0:
         return
-    limit = float(np.finfo(dt.value).max)
+    limit = float(ml_dtypes.finfo(dt.value).max)
     hi, lo = float(values.max()), float(values.min())
     if max(hi, -lo) < limit:
         return

@@ -189,7 +189,7 @@ def test_trials_of_dead_workers_are_failed_and_run_again(case, tmp_path, kind, w
             study._storage.record_heartbeat(trial_id)  # Optuna's heartbeat, then silence
         else:
             study._storage.set_trial_system_attr(trial_id, BEAT, time.time())
-        time.sleep(3.5)  # past the grace period (3 beats of 1 s)
+        time.sleep(4.5)  # past the grace period (3 beats of 1 s) on SQLite's whole-second clock
     summary = mmerge.evolve(case["search"], scorer(case), trials=4, **run)
     trials = study.get_trials(deepcopy=False)
     assert trials[lost].state.name == "FAIL" and "failure" not in trials[lost].user_attrs
@@ -290,14 +290,24 @@ def test_cli_held_out_scores_report_json_and_plot(case, tmp_path):
         (["--eval-cmd", "x {model}", "--trials", "3", "-o", "o", "--metric-weights", "a"], "M"),
     ],
 )
-def test_cli_usage_errors_are_one_line(case, args, message):
+def test_cli_usage_errors_are_one_line(case, args, message, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from mmerge.cli import cli as main
 
+    monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["evolve", str(case["search"]), *args])
     assert result.exit_code == 2, result.output
     assert message in result.output
+    assert not list(tmp_path.glob("*/evolve.json"))  # OUT is not claimed by a refused command
+
+
+def test_a_storage_that_cannot_open_leaves_out_free_for_the_corrected_command(case, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(InvalidInput, match="cannot open storage"):
+        mmerge.evolve(case["search"], scorer(case), trials=1, out=out, storage="sqlite:////no/x.db")
+    assert not (out / "evolve.json").exists()
+    assert mmerge.evolve(case["search"], scorer(case), trials=1, out=out).counted == 1
 
 
 def test_import_mmerge_does_not_import_optuna_and_evolve_stays_callable():

@@ -74,10 +74,12 @@ def evolve(
     out_path = Path(out) if out is not None else None
     url = storage or (default_url(out_path) if out_path is not None else None)
     if out_path is not None:
-        out_path.mkdir(parents=True, exist_ok=True)
-        _claim_folder(out_path, url, study)
+        _check_folder(out_path, url, study)
+        out_path.mkdir(parents=True, exist_ok=True)  # the study's file may go there
     the_study = _open_study(url, study, direction, _sampler(sampler, seed), heartbeat)
     _check_same_search(the_study, space, url)
+    if out_path is not None:  # claimed once the study opened: a refused command leaves OUT free
+        _claim_folder(out_path, url, study)
     the_study.set_user_attr("mmerge:trials", trials)
     the_study.set_user_attr("mmerge:keep_top", keep_top)
     with tempfile.TemporaryDirectory(prefix="mmerge-evolve-") as tmp:
@@ -225,19 +227,23 @@ def _check_same_search(study: optuna.Study, space: SearchSpace, url: str | None)
         )
 
 
-def _claim_folder(out: Path, url: str, study: str) -> None:
+def _check_folder(out: Path, url: str, study: str) -> None:
     """OUT belongs to one study: refuse to mix another study's models and books into it."""
     path = out / STUDY_FILE
-    mine = {"storage": url, "study": study}
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved != mine:
+        if saved != {"storage": url, "study": study}:
             raise InvalidInput(
                 f"{out} holds study {saved['study']!r} in {redact(saved['storage'])}: "
                 "use another output folder, or the same --storage and --study"
             )
-        return
-    books.write_atomic(path, json.dumps(mine, indent=2) + "\n")
+
+
+def _claim_folder(out: Path, url: str, study: str) -> None:
+    """Record in OUT which storage and study it belongs to (once)."""
+    path = out / STUDY_FILE
+    if not path.exists():
+        books.write_atomic(path, json.dumps({"storage": url, "study": study}, indent=2) + "\n")
 
 
 def _plot(study: optuna.Study, space: SearchSpace, path: str | os.PathLike | None) -> None:

@@ -178,10 +178,9 @@ def search(ex: Experiment, trials: int) -> dict[str, Any]:
     if summary.best_recipe is None:
         raise RuntimeError(f"mmerge evolve scored no trial: {summary.failures}")
     val = ex.score_recipe(summary.best_recipe, "val")
-    groups = recipe["search"]["layer_groups"]
     return asdict(
         Scored(
-            chosen=f"CMA-ES, {trials} trials: {SEARCH_METHOD} w per task x {groups} layers",
+            chosen=f"CMA-ES, {trials} trials",
             val=float(np.mean(list(val.values()))),
             test=ex.score_recipe(summary.best_recipe, "test"),
             defaults_test=None,

@@ -483,6 +483,22 @@ def test_ctrl_c_at_any_moment_is_one_line_and_status_130(tmp_path):
     assert interrupted  # not every run finished before its signal
 
 
+def test_ctrl_c_after_the_command_finished_changes_nothing():
+    """A Ctrl-C landing once the command is over (say, while Python shuts down) neither kills
+    the exit nor prints anything: the result stands with the command's own status."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from mmerge.__main__ import main\n"
+        "status = main(['methods'])\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.2)\n"
+        "sys.exit(status)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert "ties" in proc.stdout
+
+
 # -- 8. passthrough scale ----------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@ modules are still loading, ends with one line and exit status 130, never a trace
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
@@ -15,6 +16,10 @@ def main(args: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    finally:
+        # The command is over: Python restores the default SIGINT action while it shuts down,
+        # so a late Ctrl-C would kill the exit silently. Ignored handlers are left alone.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

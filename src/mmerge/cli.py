@@ -510,6 +510,15 @@ def _register_evolve() -> None:
 _register_evolve()
 
 
+def _register_lora() -> None:
+    from mmerge.lora.command import lora
+
+    cli.add_command(lora)
+
+
+_register_lora()
+
+
 def run_cli(args: list[str] | None = None) -> int:
     """Run the command line and return its exit status; every error is one line."""
     try:

@@ -125,6 +125,58 @@ def write_model_family(
     return paths
 
 
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_adapter(
+    path: str | Path,
+    tensors: dict[str, np.ndarray],
+    config: dict,
+    dtype: str = "F32",
+) -> Path:
+    """Write a PEFT-format adapter folder: `tensors` under their adapter keys, `config` as
+    adapter_config.json (peft_type LORA added when missing)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    specs = [TensorSpec(k, dtype, tuple(v.shape)) for k, v in tensors.items()]
+    with StreamingWriter(path / "adapter_model.safetensors", specs, layout="file") as w:
+        for key, value in tensors.items():
+            w.write(key, value)
+            w.finish_tensor(key)
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
+    return path
+
+
+def random_adapter(
+    base: str | Path,
+    path: str | Path,
+    *,
+    rank: int = 16,
+    alpha: float = 32,
+    modules: tuple[str, ...] = LINEAR_MODULES,
+    seed: int = 0,
+    scale: float = 0.01,
+) -> Path:
+    """A random LoRA adapter of rank `rank` on every 2-D `<module>.weight` of the checkpoint
+    `base` whose module name ends with one of `modules` (B not zero, as after training)."""
+    from mmerge.io import open_checkpoint
+
+    tensors = {}
+    with open_checkpoint(base) as ckpt:
+        for name, ref in ckpt.items():
+            module = name.removesuffix(".weight")
+            if len(ref.shape) != 2 or module == name or module.split(".")[-1] not in modules:
+                continue
+            rng = _rng(seed, "adapter", name)
+            out_dim, in_dim = ref.shape
+            a = rng.standard_normal((rank, in_dim), dtype=np.float32) * np.float32(scale)
+            b = rng.standard_normal((out_dim, rank), dtype=np.float32) * np.float32(scale)
+            tensors[f"base_model.model.{module}.lora_A.weight"] = a
+            tensors[f"base_model.model.{module}.lora_B.weight"] = b
+    config = {"r": rank, "lora_alpha": alpha, "target_modules": list(modules)}
+    return write_adapter(path, tensors, config)
+
+
 def write_fp8_model_family(
     out_dir: str | Path,
     *,

@@ -608,6 +608,23 @@ def vector_norm(x, /, *, axis=None, keepdims=False, ord=2):
     return mx.power(mx.sum(mx.power(a, ord), axis=axis, keepdims=keepdims), 1.0 / ord)
 
 
+def qr(x: Array, /, *, mode: str = "reduced") -> tuple[Array, Array]:
+    """Thin QR (MLX factors only on its CPU stream; the result is usable on any device)."""
+    if mode != "reduced":
+        raise InvalidInput(f"MLX computes only the reduced QR, not mode={mode!r}")
+    q, r = mx.linalg.qr(x, stream=mx.cpu)
+    return q, r
+
+
+def svd(x: Array, /, *, full_matrices: bool = True) -> tuple[Array, Array, Array]:
+    """SVD of a square matrix (MLX has no reduced SVD, so only square inputs are accepted; it
+    runs on the CPU stream)."""
+    if x.ndim != 2 or x.shape[0] != x.shape[1]:
+        raise InvalidInput(f"the MLX adapter takes the SVD of square matrices only, got {x.shape}")
+    u, s, vt = mx.linalg.svd(x, stream=mx.cpu)
+    return u, s, vt
+
+
 def _linalg() -> types.SimpleNamespace:
     """The `linalg` extension, limited to what has a clear MLX mapping."""
     return types.SimpleNamespace(
@@ -617,6 +634,8 @@ def _linalg() -> types.SimpleNamespace:
         matrix_transpose=mx.matrix_transpose,
         tensordot=mx.tensordot,
         outer=mx.outer,
+        qr=qr,
+        svd=svd,
     )
 
 

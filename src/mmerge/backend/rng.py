@@ -87,3 +87,17 @@ def keep_mask(
         kw = {} if device is None else {"device": device}
         return xp.zeros((0,), dtype=xp.bool, **kw)
     return blocks[0] if len(blocks) == 1 else xp.concat(blocks)
+
+
+def gaussian(shape: tuple[int, ...], *, seed: int, name: str, stream: int = 1) -> Any:
+    """Standard normal float32 values for the tensor `name`, from the counter bits of streams
+    2*stream and 2*stream + 1 (Box-Muller in float64 on the host): the same numbers on every
+    backend, which receives them as they are (the randomized SVD's test matrix)."""
+    import numpy as np
+
+    n = math.prod(shape)
+    scale = 1.0 / (1 << BITS)
+    u1 = (random_bits(np, n, seed=seed, name=name, stream=2 * stream) + 1) * scale  # (0, 1]
+    u2 = random_bits(np, n, seed=seed, name=name, stream=2 * stream + 1) * scale  # [0, 1)
+    z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
+    return z.astype(np.float32).reshape(shape)

@@ -49,8 +49,6 @@ def requantize(plan: Plan, checkpoints: Sequence, config_from=None) -> Requantiz
     declares those block scales, else one is written for them. InvalidInput when no input is
     quantized or a quantized tensor is not 2-D, before anything is written.
     """
-    from mmerge.io import QuantizedRef
-
     quantized = [c for c in checkpoints if getattr(c, "quantization", None) is not None]
     if not quantized:
         raise InvalidInput(
@@ -61,7 +59,7 @@ def requantize(plan: Plan, checkpoints: Sequence, config_from=None) -> Requantiz
     scheme: Quantization = (chosen or quantized[0]).quantization
     names = []
     for i, item in enumerate(plan.items):
-        if not any(isinstance(ref, QuantizedRef) for ref in item.inputs()):
+        if not any(map(_quantized, item.inputs())):
             continue
         if len(item.shape) != 2:
             raise InvalidInput(
@@ -87,6 +85,17 @@ def requantize(plan: Plan, checkpoints: Sequence, config_from=None) -> Requantiz
     return plan.requantization
 
 
+def _quantized(ref) -> bool:
+    """Whether a planned input is read from a quantized tensor (itself, or the base tensor an
+    adapter is applied to)."""
+    from mmerge.io import QuantizedRef
+    from mmerge.io.adapted import AdaptedTensorRef
+
+    if isinstance(ref, AdaptedTensorRef):
+        ref = ref.base
+    return isinstance(ref, QuantizedRef)
+
+
 def _fresh_config(plan: Plan, fp8: set[str], block: tuple[int, int]) -> dict[str, Any]:
     """A Hugging Face fine-grained fp8 quantization_config for the written block scales; 2-D
     weights left unquantized are listed as modules not to convert."""
@@ -109,8 +118,6 @@ def quantization_config(config: dict[str, Any], plan: Plan) -> str | None:
     quantization_config; otherwise a quantization_config (or compression_config) is removed,
     the weights being dequantized, and the dtype code they are written in is returned (when
     they share one) for the config's dtype field."""
-    from mmerge.io import QuantizedRef
-
     requant = plan.requantization
     if requant is not None:
         config.pop("compression_config", None)
@@ -119,9 +126,5 @@ def quantization_config(config: dict[str, Any], plan: Plan) -> str | None:
     removed = [config.pop(key, None) for key in ("quantization_config", "compression_config")]
     if all(value is None for value in removed):
         return None
-    codes = {
-        item.out_dtype
-        for item in plan.items
-        if any(isinstance(ref, QuantizedRef) for ref in item.inputs())
-    }
+    codes = {item.out_dtype for item in plan.items if any(map(_quantized, item.inputs()))}
     return codes.pop() if len(codes) == 1 else None

@@ -4,7 +4,8 @@ Supported: merge_method, models (with per-model parameters), base_model, paramet
 gradients, filter lists), dtype, out_dtype, slices (sources with layer_range, and the slice's own
 parameters and base_model), and tokenizer_source: base. Any other key is an error that names it,
 never silently ignored. A parameter that another method uses but this one does not (mergekit's
-tests pass `weight` to slerp) is ignored, as mergekit does, with a warning.
+tests pass `weight` to slerp) is ignored, as mergekit does, with a warning. A model may be
+`BASE+ADAPTER`: a PEFT LoRA adapter applied on read.
 """
 
 from __future__ import annotations
@@ -65,17 +66,41 @@ def _unknown(keys, allowed, where: str) -> None:
         )
 
 
-def _model_path(value: Any, root: Path) -> Path:
-    if not isinstance(value, str):
-        raise RecipeError(f"model must be a local path string, got {value!r}")
-    if "+" in value and not Path(value).exists():
-        raise RecipeError(f"model {value!r}: LoRA 'model+adapter' syntax is not supported")
+def _existing(value: str, root: Path) -> Path | None:
     for candidate in (Path(value), root / value):
         if candidate.exists():
             return candidate
-    raise RecipeError(
-        f"model {value!r} not found (mmerge reads local checkpoints; hub ids are not downloaded)"
-    )
+    return None
+
+
+def _model_path(value: Any, root: Path) -> Path:
+    if not isinstance(value, str):
+        raise RecipeError(f"model must be a local path string, got {value!r}")
+    found = _existing(value, root)
+    if found is None:
+        raise RecipeError(
+            f"model {value!r} not found (mmerge reads local checkpoints; hub ids are not "
+            "downloaded)"
+        )
+    return found
+
+
+def _adapter_split(value: Any, root: Path) -> tuple[Path, Path] | None:
+    """(base, adapter) for mergekit's `BASE+ADAPTER` spelling (a LoRA adapter applied while
+    streaming), or None for a plain model path."""
+    if not isinstance(value, str) or "+" not in value or _existing(value, root) is not None:
+        return None
+    splits = []
+    for i, char in enumerate(value):
+        if char != "+":
+            continue
+        base, adapter = _existing(value[:i], root), _existing(value[i + 1 :], root)
+        if base is not None and adapter is not None:
+            splits.append((base, adapter))
+    if len(splits) != 1:
+        why = "no split into an existing BASE and ADAPTER" if not splits else "ambiguous"
+        raise RecipeError(f"model {value!r}: not a path, and BASE+ADAPTER is {why}")
+    return splits[0]
 
 
 def _params(raw: Any, where: str, spec: MethodSpec, warnings: list[str]) -> dict[str, Any]:
@@ -101,18 +126,39 @@ def _params(raw: Any, where: str, spec: MethodSpec, warnings: list[str]) -> dict
 
 
 class RecipeModels:
-    """Opens each distinct checkpoint of a recipe once."""
+    """Opens each distinct checkpoint of a recipe once; `BASE+ADAPTER` opens the base with the
+    adapter applied on read (no copy on disk)."""
 
     def __init__(self, root: Path) -> None:
-        self.root, self.opened = root, {}
+        self.root, self.opened, self.adapters = root, {}, []
 
     def get(self, value: Any):
+        split = _adapter_split(value, self.root)
+        if split is not None:
+            return self._adapted(*split)
+        return self._open(_model_path(value, self.root).resolve())
+
+    def _open(self, path: Path):
         from mmerge.io import open_checkpoint
 
-        path = _model_path(value, self.root).resolve()
         if path not in self.opened:
             self.opened[path] = open_checkpoint(path)
         return self.opened[path]
+
+    def _adapted(self, base: Path, adapter: Path):
+        from mmerge.io.adapted import AdaptedCheckpoint
+        from mmerge.io.adapter import open_adapter
+
+        key = (base.resolve(), adapter.resolve())
+        if key not in self.opened:
+            opened = open_adapter(adapter)
+            self.adapters.append(opened.checkpoint)
+            self.opened[key] = AdaptedCheckpoint(self._open(key[0]), [opened])
+        return self.opened[key]
+
+    def checkpoints(self) -> list:
+        """Every opened checkpoint and adapter file (for provenance and the output checks)."""
+        return [*self.opened.values(), *self.adapters]
 
 
 def plan_recipe(
@@ -153,7 +199,7 @@ def plan_recipe(
             src = Source(
                 ckpt,
                 _params(entry.get("parameters"), f"models[{i}]", spec, warnings),
-                label=str(ckpt.path),
+                label=getattr(ckpt, "label", str(ckpt.path)),
             )
             if ckpt is base_ckpt:
                 base_src = src  # mergekit lists the base among the models; it is not merged in
@@ -174,7 +220,7 @@ def plan_recipe(
     copy_from = first.path if first.path.is_dir() else None
     if wants_fp8(out_dtype):
         requantize(plan, list(opened.opened.values()), copy_from)
-    return plan, list(opened.opened.values()), copy_from
+    return plan, opened.checkpoints(), copy_from
 
 
 def _slice_plan(slices, spec, base_ckpt, params, out_dtype, opened, warnings) -> Plan:
@@ -184,7 +230,8 @@ def _slice_plan(slices, spec, base_ckpt, params, out_dtype, opened, warnings) ->
     by_ckpt: dict[int, Source] = {}
 
     def source(ckpt, raw, where) -> Source:
-        return Source(ckpt, _params(raw, where, spec, warnings), label=str(ckpt.path))
+        label = getattr(ckpt, "label", str(ckpt.path))
+        return Source(ckpt, _params(raw, where, spec, warnings), label=label)
 
     for i, sl in enumerate(slices):
         if not isinstance(sl, Mapping) or not isinstance(sl.get("sources"), list):

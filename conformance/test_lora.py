@@ -1,0 +1,130 @@
+"""LoRA math (spec/lora.md) on every backend, against float64 numpy references: deltas from
+factors, DoRA's rescaling, exact recompression of stacked factors (Eckart-Young at any rank),
+randomized SVD recovering low-rank matrices, and the same balanced, sign-fixed factors as numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conformance.backends import REFERENCE
+from conformance.profiles import PROFILE
+from mmerge.backend.rng import gaussian
+from mmerge.methods import lora
+
+RTOL = 2e-4  # float32 linear algebra, relative to the largest magnitude involved
+
+
+@st.composite
+def stacked(draw):
+    """Stacked factors left (m x k) and right (k x n) whose product U diag(s) V^T has rank
+    min(m, n, k) and singular values a factor of 3 apart (so every truncation is unique), as
+    float32 host arrays; for k above that rank the columns are redundant, as when adapters are
+    stacked."""
+    m = draw(st.integers(2, 40))
+    n = draw(st.integers(2, 40))
+    k = draw(st.integers(1, 12))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    rank = min(m, n, k)
+    u, _ = np.linalg.qr(rng.standard_normal((m, rank)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, rank)))
+    s = rng.uniform(0.8, 1.0, rank) * 3.0 ** -np.arange(rank) * 10.0 ** draw(st.integers(-3, 2))
+    mix = rng.standard_normal((rank, k))  # full row rank: mix @ pinv(mix) = I
+    left = (u * s) @ mix
+    right = np.linalg.pinv(mix) @ v.T
+    return left.astype(np.float32), right.astype(np.float32)
+
+
+def close(got, want, scale, what):
+    np.testing.assert_allclose(
+        np.asarray(got, np.float64), want, rtol=0, atol=RTOL * scale, err_msg=what
+    )
+
+
+def best_rank(product: np.ndarray, k: int) -> np.ndarray:
+    u, s, vt = np.linalg.svd(product)
+    return (u[:, :k] * s[:k]) @ vt[:k]
+
+
+@PROFILE
+@given(factors=stacked())
+def test_delta_rows_is_the_product_of_the_selected_rows(backend, factors):
+    left, right = factors
+    xp = backend.xp
+    want = left.astype(np.float64) @ right
+    rows = slice(left.shape[0] // 3, left.shape[0])
+    got = backend.host(lora.delta_rows(xp, backend.put(left[rows]), backend.put(right)))
+    close(got, want[rows], max(np.max(np.abs(want)), 1e-30), "delta rows")
+
+
+@PROFILE
+@given(factors=stacked(), cut=st.integers(1, 12))
+def test_recompression_is_the_best_approximation_at_every_rank(backend, factors, cut):
+    left, right = factors
+    product = left.astype(np.float64) @ right
+    scale = max(np.max(np.abs(product)), 1e-30)
+    low = lora.recompress(backend.xp, backend.put(left), backend.put(right), cut)
+    k = min(cut, left.shape[1], *product.shape)
+    assert low.rank == k
+    got = backend.host(low.left).astype(np.float64) @ backend.host(low.right)
+    close(got, best_rank(product, k), scale, "rank-k product")
+    s = np.linalg.svd(product, compute_uv=False)
+    values = backend.host(low.singular_values)
+    close(values[: s.shape[0]], s[: values.shape[0]], s[0] if s.size else 1.0, "singular values")
+
+
+@PROFILE
+@given(factors=stacked())
+def test_factors_are_the_reference_backends_factors(backend, factors):
+    """Balanced, sign-fixed factors: the same matrices on every backend, not only the same
+    product (the singular values of the drawn products are separated by a factor of 3)."""
+    left, right = factors
+    k = min(left.shape[1], left.shape[0], right.shape[1])
+    got = lora.recompress(backend.xp, backend.put(left), backend.put(right), k)
+    ref = lora.recompress(REFERENCE.xp, left, right, k)
+    scale = max(np.max(np.abs(ref.left)), np.max(np.abs(ref.right)), 1e-30)
+    close(backend.host(got.left), ref.left.astype(np.float64), scale, "left factor")
+    close(backend.host(got.right), ref.right.astype(np.float64), scale, "right factor")
+
+
+@PROFILE
+@given(factors=stacked(), power=st.integers(0, 2), oversample=st.integers(0, 6))
+def test_randomized_svd_recovers_a_low_rank_matrix(backend, factors, power, oversample):
+    left, right = factors
+    product = (left.astype(np.float64) @ right).astype(np.float32)
+    m, n = product.shape
+    rank = min(left.shape[1], m, n)
+    width = lora.sketch_width(rank, oversample, (m, n))
+    xp = backend.xp
+    d = backend.put(product)
+    omega = backend.put(gaussian((n, width), seed=1, name="conformance"))
+    low = lora.randomized_svd(
+        xp,
+        lambda x: xp.matmul(d, x),
+        lambda y: xp.matmul(xp.matrix_transpose(d), y),
+        omega,
+        rank,
+        power_iters=power,
+    )
+    got = backend.host(low.left).astype(np.float64) @ backend.host(low.right)
+    close(got, product.astype(np.float64), max(np.max(np.abs(product)), 1e-30), "recovered")
+
+
+@PROFILE
+@given(factors=stacked(), axis=st.sampled_from([0, 1]))
+def test_dora_rescales_each_output_unit_to_its_magnitude(backend, factors, axis):
+    left, right = factors
+    w = (left.astype(np.float64) @ right).astype(np.float32) + 1.0
+    units = w.shape[0] if axis == 1 else w.shape[1]
+    magnitude = np.linspace(0.5, 2.0, units).astype(np.float32)
+    xp = backend.xp
+    bw = backend.put(w)
+    norms = lora.row_norms(xp, bw) if axis == 1 else xp.sqrt(lora.column_sumsq(xp, bw))
+    got = backend.host(lora.dora_rescale(xp, bw, backend.put(magnitude), norms, axis))
+    norm = np.linalg.norm(w.astype(np.float64), axis=axis)
+    shape = (-1, 1) if axis == 1 else (1, -1)
+    want = w * (magnitude / norm).reshape(shape)
+    close(got, want, np.max(np.abs(want)), "dora")
+    np.testing.assert_allclose(np.linalg.norm(got, axis=axis), magnitude, rtol=1e-4)

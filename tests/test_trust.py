@@ -462,7 +462,7 @@ def _wait_for_numpy(pid: int, timeout: float = 30.0) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
 def test_ctrl_c_at_any_moment_is_one_line_and_status_130(tmp_path):
-    family = write_model_family(tmp_path / "m", hidden=256, intermediate=512, layers=4, vocab=512)
+    family = write_model_family(tmp_path / "m", hidden=512, intermediate=1024, layers=6, vocab=2048)
     exe = Path(sys.executable).with_name("mmerge")
     interrupted = 0
     for k, delay in enumerate((0.0, 0.05, 0.2, 0.4, 0.8)):

@@ -68,8 +68,8 @@ def thin_qr(xp, y: Array) -> tuple[Array, Array]:
     has not or where CholeskyQR does not reach an orthonormal q (exactly rank-deficient y).
 
     CholeskyQR costs two products with y per pass (its Gram matrix, and y times the inverse
-    Cholesky factor, both level-3 BLAS), against a Householder QR's level-2 panels: a third of
-    the time of numpy's QR on the sketches of `randomized_svd`.
+    Cholesky factor, both level-3 BLAS), against a Householder QR's level-2 panels: about a
+    quarter of the time of numpy's QR on the sketches of `randomized_svd` (spec/lora.md).
     """
     wide = _float64(xp, y)
     if wide is not None:

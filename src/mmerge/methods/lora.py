@@ -91,16 +91,14 @@ def orthonormal(xp, y: Array) -> Array:
 
 def _float64(xp, y: Array):
     """xp.float64 when y's library computes in float64 on y's device, else None (MLX has it
-    only on its CPU, jax only with x64 enabled: both keep Householder QR in float32)."""
+    only on its CPU, jax only with x64 enabled, torch not on Apple GPUs (mps), whatever its
+    dtype listing says: these keep Householder QR in float32)."""
     from mmerge.backend import device_of, library_name
 
-    if library_name(y) not in WIDE_LIBRARIES:
+    device = device_of(y)
+    if library_name(y) not in WIDE_LIBRARIES or str(device).startswith("mps"):
         return None
-    return (
-        xp.float64
-        if "float64" in xp.__array_namespace_info__().dtypes(device=device_of(y))
-        else None
-    )
+    return xp.float64 if "float64" in xp.__array_namespace_info__().dtypes(device=device) else None
 
 
 def _cholesky_qr(xp, y: Array, tol: float) -> tuple[Array, Array] | None:

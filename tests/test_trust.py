@@ -484,12 +484,13 @@ def test_ctrl_c_at_any_moment_is_one_line_and_status_130(tmp_path):
 
 
 def test_ctrl_c_after_the_command_finished_changes_nothing():
-    """A Ctrl-C landing once the command is over (say, while Python shuts down) neither kills
-    the exit nor prints anything: the result stands with the command's own status."""
+    """A Ctrl-C landing once the program's command is over (say, while Python shuts down)
+    neither kills the exit nor prints anything: the result stands with the command's status."""
     code = (
         "import os, signal, sys, time\n"
-        "from mmerge.__main__ import main\n"
-        "status = main(['methods'])\n"
+        "from mmerge.__main__ import program\n"
+        "sys.argv = ['mmerge', 'methods']\n"
+        "status = program()\n"
         "os.kill(os.getpid(), signal.SIGINT)\n"
         "time.sleep(0.2)\n"
         "sys.exit(status)\n"
@@ -497,6 +498,14 @@ def test_ctrl_c_after_the_command_finished_changes_nothing():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stderr) == (0, "")
     assert "ties" in proc.stdout
+
+
+def test_main_in_a_library_process_leaves_its_signals_alone(capsys):
+    """Only the console program owns its process: `main` called in-process (tests, notebooks)
+    keeps the caller's Ctrl-C handling, which child processes would otherwise inherit."""
+    before = signal.getsignal(signal.SIGINT)
+    assert main(["methods"]) == 0
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 # -- 8. passthrough scale ----------------------------------------------------------------------

@@ -8,7 +8,7 @@ import sys
 
 
 def main(args: list[str] | None = None) -> int:
-    """Entry point of the `mmerge` console script."""
+    """Run one command line (`sys.argv` by default) and return its exit status."""
     try:
         from mmerge.cli import run_cli
 
@@ -16,11 +16,17 @@ def main(args: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+
+
+def program() -> int:
+    """The `mmerge` console script: `main`, after which Ctrl-C is ignored. Python restores
+    SIGINT's default action while it shuts down, so a late Ctrl-C would kill the exit silently;
+    an ignored signal is left alone. Only the program owns its process's signals."""
+    try:
+        return main()
     finally:
-        # The command is over: Python restores the default SIGINT action while it shuts down,
-        # so a late Ctrl-C would kill the exit silently. Ignored handlers are left alone.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(program())

@@ -1,6 +1,7 @@
 """LoRA math (spec/lora.md) on every backend, against float64 numpy references: deltas from
 factors, DoRA's rescaling, exact recompression of stacked factors (Eckart-Young at any rank),
-randomized SVD recovering low-rank matrices, and the same balanced, sign-fixed factors as numpy.
+thin QR at any conditioning, randomized SVD recovering low-rank matrices (also far below the
+asked rank), and the same balanced, sign-fixed factors as numpy.
 """
 
 from __future__ import annotations
@@ -110,6 +111,77 @@ def test_randomized_svd_recovers_a_low_rank_matrix(backend, factors, power, over
     )
     got = backend.host(low.left).astype(np.float64) @ backend.host(low.right)
     close(got, product.astype(np.float64), max(np.max(np.abs(product)), 1e-30), "recovered")
+
+
+@st.composite
+def tall(draw):
+    """A tall float32 matrix (m x l) whose singular values span up to seven decades, exactly
+    rank-deficient in some draws: zero rows below the first few (the sketch of a delta that
+    changed a few rows) or a repeated column."""
+    m = draw(st.integers(2, 64))
+    width = draw(st.integers(1, min(m, 16)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    u, _ = np.linalg.qr(rng.standard_normal((m, width)))
+    v, _ = np.linalg.qr(rng.standard_normal((width, width)))
+    y = (u * np.logspace(0, -draw(st.integers(0, 7)), width)) @ v.T
+    kind = draw(st.sampled_from(["full", "zero rows", "repeated column"]))
+    if kind == "zero rows":
+        y[draw(st.integers(1, width)) :] = 0.0
+    elif kind == "repeated column" and width > 1:
+        y[:, -1] = y[:, 0]
+    return (y * 10.0 ** draw(st.integers(-3, 3))).astype(np.float32)
+
+
+@PROFILE
+@given(y=tall())
+def test_thin_qr_is_orthonormal_and_exact_at_any_conditioning(backend, y):
+    """q^T q = I to float32 precision and q r = y, with r upper triangular, whether CholeskyQR
+    gets there in one pass (well-conditioned y), two (ill-conditioned) or gives way to
+    Householder QR (exactly rank-deficient y, or a backend without float64)."""
+    q, r = lora.thin_qr(backend.xp, backend.put(y))
+    q, r = backend.host(q).astype(np.float64), backend.host(r).astype(np.float64)
+    width = y.shape[1]
+    assert q.shape == y.shape and r.shape == (width, width)
+    close(q.T @ q, np.eye(width), 1e-5 / RTOL, "q^T q")
+    assert np.array_equal(r, np.triu(r)), "r is not upper triangular"
+    close(q @ r, y.astype(np.float64), np.max(np.abs(y)), "q r")
+
+
+@PROFILE
+@given(
+    data=st.data(),
+    kind=st.sampled_from(["product", "rows", "columns"]),
+    power=st.integers(0, 2),
+)
+def test_randomized_svd_recovers_a_matrix_far_below_the_asked_rank(backend, data, kind, power):
+    """Asked for a rank far above the matrix's, so that every sketch is rank-deficient: a
+    rank-r product (rank-deficient up to float32 rounding) or a matrix with r nonzero rows or
+    columns (exactly rank-deficient, as a delta of a few trained embedding rows is)."""
+    m, n = data.draw(st.integers(24, 80)), data.draw(st.integers(24, 80))
+    r = data.draw(st.integers(1, 4))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    d = np.zeros((m, n))
+    if kind == "product":
+        d = rng.standard_normal((m, r)) @ rng.standard_normal((r, n))
+    elif kind == "rows":
+        d[rng.choice(m, r, replace=False)] = rng.standard_normal((r, n))
+    else:
+        d[:, rng.choice(n, r, replace=False)] = rng.standard_normal((m, r))
+    d = d.astype(np.float32)
+    rank = data.draw(st.integers(4 * r, min(m, n) - 4))
+    xp = backend.xp
+    bd = backend.put(d)
+    omega = backend.put(gaussian((n, rank + 4), seed=2, name="conformance"))
+    low = lora.randomized_svd(
+        xp,
+        lambda x: xp.matmul(bd, x),
+        lambda y: xp.matmul(xp.matrix_transpose(bd), y),
+        omega,
+        rank,
+        power_iters=power,
+    )
+    got = backend.host(low.left).astype(np.float64) @ backend.host(low.right)
+    close(got, d.astype(np.float64), np.max(np.abs(d)), "recovered")
 
 
 @PROFILE

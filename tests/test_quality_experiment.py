@@ -69,10 +69,19 @@ def _self_merge(ex, spec, task):
     )
 
 
-def test_evaluator_is_the_mean_accuracy_over_tasks(ex):
+def test_evaluator_is_the_mean_accuracy_over_tasks(ex, tmp_path):
+    from mmerge.engine.api import run_recipe
+    from mmerge.io import open_checkpoint
+
     path = ex.finetune_paths["up:parity"]
     scores = ex.score_file(path, "val")
-    assert ex.evaluator("val")(str(path)) == pytest.approx(sum(scores.values()) / len(scores))
+    mean = sum(scores.values()) / len(scores)
+    assert ex.evaluator("val")(str(path)) == pytest.approx(mean)
+    # what `mmerge evolve` gives it: a merged model's folder, or its tensors in memory
+    run_recipe(ex.recipe("linear", ["up:parity"] * 2, base=False), tmp_path / "model")
+    assert ex.evaluator("val")(tmp_path / "model") == pytest.approx(mean)
+    tensors = {k: v.to_numpy() for k, v in open_checkpoint(path).items()}
+    assert ex.evaluator("val")(tensors) == pytest.approx(mean)
 
 
 def test_each_finetune_beats_chance_on_its_task(ex):
@@ -121,11 +130,17 @@ def test_splits_are_disjoint(ex):
 def test_bench_writes_tables_and_plot_for_every_method(tmp_path):
     small = quality.Config(**{**REDUCED.__dict__, "pretrain_epochs": 2, "finetune_epochs": 2})
     grid = {"lambda": (0.5,), "density": (0.5,)}
-    results = [bench.run_seed(small, lambda _msg: None, grid)]
+    results = [bench.run_seed(small, lambda _msg: None, grid, search_trials=6)]
     tasks = list(small.tasks)
     for kind in ("multi", "pairwise"):
         text = bench.table(results, kind, tasks)
         for spec in all_methods():
             assert f"| {spec.name} |" in text, (kind, spec.name)
+    assert "| evolve | CMA-ES, 6 trials" in bench.table(results, "multi", tasks)
+    found = results[0]["multi"]["evolve"]
+    assert found["tried"] == 6 and set(found["test"]) == set(tasks)
+    # the recipe found in memory, merged again by the streaming engine, scores as in the search
+    assert found["val"] == pytest.approx(found["search_val"])
+    assert found["search_val"] >= max(found["baselines_val"].values())
     bench.plot(results, tasks, tmp_path / "quality.png")
     assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -464,7 +464,7 @@ def _wait_for_numpy(pid: int, timeout: float = 30.0) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
 def test_ctrl_c_at_any_moment_is_one_line_and_status_130(tmp_path):
-    family = write_model_family(tmp_path / "m", hidden=256, intermediate=512, layers=4, vocab=512)
+    family = write_model_family(tmp_path / "m", hidden=512, intermediate=1024, layers=6, vocab=2048)
     exe = Path(sys.executable).with_name("mmerge")
     interrupted = 0
     for k, delay in enumerate((0.0, 0.05, 0.2, 0.4, 0.8)):
@@ -483,6 +483,31 @@ def test_ctrl_c_at_any_moment_is_one_line_and_status_130(tmp_path):
         assert not out.exists()
         interrupted += 1
     assert interrupted  # not every run finished before its signal
+
+
+def test_ctrl_c_after_the_command_finished_changes_nothing():
+    """A Ctrl-C landing once the program's command is over (say, while Python shuts down)
+    neither kills the exit nor prints anything: the result stands with the command's status."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from mmerge.__main__ import program\n"
+        "sys.argv = ['mmerge', 'methods']\n"
+        "status = program()\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.2)\n"
+        "sys.exit(status)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert "ties" in proc.stdout
+
+
+def test_main_in_a_library_process_leaves_its_signals_alone(capsys):
+    """Only the console program owns its process: `main` called in-process (tests, notebooks)
+    keeps the caller's Ctrl-C handling, which child processes would otherwise inherit."""
+    before = signal.getsignal(signal.SIGINT)
+    assert main(["methods"]) == 0
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 # -- 8. passthrough scale ----------------------------------------------------------------------

@@ -376,11 +376,13 @@ class Experiment:
         listed = {str(m["model"]) for m in recipe.get("models", [])}
         return [t for t, p in self.finetune_paths.items() if str(p) in listed]
 
-    def evaluator(self, split: str = "val") -> Callable[[str], float]:
-        """`path -> mean accuracy over all tasks on split`: the evaluator a search calls."""
+    def evaluator(self, split: str = "val") -> Callable[[Any], float]:
+        """`model -> mean accuracy over all tasks on split`: the evaluator a search calls. The
+        model is a checkpoint's path (a file or a folder) or its tensors {name: array}, as
+        `mmerge.evolve(..., in_memory=True)` gives them."""
 
-        def mean_accuracy(path: str) -> float:
-            return float(np.mean(list(self.score_file(Path(path), split).values())))
+        def mean_accuracy(model: Any) -> float:
+            return float(np.mean(list(self.score_state(_torch_state(model), split).values())))
 
         return mean_accuracy
 
@@ -395,6 +397,20 @@ class Experiment:
 
 def _state(module) -> dict[str, Any]:
     return {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+
+
+def _torch_state(model: Any) -> dict[str, Any]:
+    """A body's tensors as torch tensors, from {name: array} or a checkpoint path mmerge reads."""
+    import torch
+
+    if isinstance(model, Mapping):
+        arrays = dict(model)
+    else:
+        from mmerge.io import open_checkpoint
+
+        with open_checkpoint(model) as ckpt:
+            arrays = {name: ref.to_numpy() for name, ref in ckpt.items()}
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
 
 @contextlib.contextmanager

@@ -4,6 +4,8 @@ For each seed: pretrain a base body, fine-tune one copy per task, then merge the
 with every method in mmerge's registry, choosing each method's parameters on the validation
 split and scoring the choice on the held-out test split. Methods that take at most two models
 are scored in a second table, on pairs of tasks, next to every other method that takes two.
+The multi-task table also gets an `mmerge evolve` row: a CMA-ES search on the validation split
+over one task-arithmetic weight per fine-tune and per layer, its best recipe scored on test.
 
     python bench/quality/run.py                       # the full run: table, results, plot
     python bench/quality/run.py --seeds 0 --out /tmp/q # one seed, elsewhere
@@ -45,6 +47,12 @@ GRID: dict[str, tuple[Any, ...]] = {
 # Where one name means another scale: nearswap's t is a distance, not a fraction.
 GRID_FOR = {("nearswap", "t"): (1e-4, 1e-3, 1e-2, 1e-1)}
 SHORT = {"lambda": "λ", "density": "d", "select_topk": "k", "filter_wise": "fw"}
+# The `mmerge evolve` row of the multi-task table: task arithmetic with one weight per fine-tune
+# and per layer of the body (the per-layer weights of Sakana's evolutionary merge), searched by
+# CMA-ES on the validation split, the found recipe scored once on test.
+SEARCH_METHOD = "task_arithmetic"
+SEARCH_RANGE = (0.0, 1.0)
+SEARCH_TRIALS = 500
 
 
 @dataclass(frozen=True)
@@ -154,14 +162,53 @@ def tune(ex: Experiment, spec: MethodSpec, groups, grid: dict[str, tuple[Any, ..
     return Scored(best[1].label(spec), best[0], test, at_defaults, tried, refused)
 
 
+def search(ex: Experiment, trials: int) -> dict[str, Any]:
+    """Search per-fine-tune, per-layer weights on val with `mmerge.evolve`; score the best on test.
+
+    The search merges in memory; the recipe it finds is merged again by mmerge's streaming
+    engine, as a user would run it, for the val and test scores reported.
+    """
+    import mmerge
+
+    recipe = ex.recipe(SEARCH_METHOD, model_params={"weight": {"search": list(SEARCH_RANGE)}})
+    recipe["search"] = {"layer_groups": ex.cfg.hidden + 1}  # one group per layer of the body
+    summary = mmerge.evolve(
+        recipe, ex.evaluator("val"), trials=trials, in_memory=True, seed=ex.cfg.seed
+    )
+    if summary.best_recipe is None:
+        raise RuntimeError(f"mmerge evolve scored no trial: {summary.failures}")
+    val = ex.score_recipe(summary.best_recipe, "val")
+    return asdict(
+        Scored(
+            chosen=f"CMA-ES, {trials} trials",
+            val=float(np.mean(list(val.values()))),
+            test=ex.score_recipe(summary.best_recipe, "test"),
+            defaults_test=None,
+            tried=summary.counted,
+            refused=[f"{n} x {reason}" for reason, n in summary.failures.items()],
+        )
+    ) | {
+        "search_val": summary.best_score,
+        "best_trial": summary.best_trial,
+        "weights": summary.best_params,
+        "baselines_val": {b["label"]: b["score"] for b in summary.baselines},
+    }
+
+
 def references(ex: Experiment, split: str) -> dict[str, dict[str, float]]:
     """The fine-tunes (each on its own task) and the base body (with the tasks' heads)."""
     finetuned = {t: ex.score_file(p, split, [t])[t] for t, p in ex.finetune_paths.items()}
     return {"fine-tuned": finetuned, "base": ex.score_file(ex.base_path, split)}
 
 
-def run_seed(cfg: Config, log, grid: dict[str, tuple[Any, ...]] = GRID) -> dict[str, Any]:
-    """Everything one seed measures, as plain data."""
+def run_seed(
+    cfg: Config,
+    log,
+    grid: dict[str, tuple[Any, ...]] = GRID,
+    search_trials: int = SEARCH_TRIALS,
+) -> dict[str, Any]:
+    """Everything one seed measures, as plain data (no `mmerge evolve` row when
+    `search_trials` is 0)."""
     started = time.perf_counter()
     with experiment(cfg) as ex:
         trained = time.perf_counter() - started
@@ -192,6 +239,16 @@ def run_seed(cfg: Config, log, grid: dict[str, tuple[Any, ...]] = GRID) -> dict[
                     f"val {scored.val:.3f} test {mean:.3f} ({time.perf_counter() - t0:.1f} s)"
                 )
             out["seconds"][table] = time.perf_counter() - clock
+        if search_trials:
+            clock = time.perf_counter()
+            found = out["multi"]["evolve"] = search(ex, search_trials)
+            out["seconds"]["evolve"] = time.perf_counter() - clock
+            log(
+                f"  multi    evolve            {found['tried']:3d} trials, best trial "
+                f"{found['best_trial']}, val {found['val']:.3f} "
+                f"test {np.mean(list(found['test'].values())):.3f} "
+                f"({out['seconds']['evolve']:.1f} s)"
+            )
         out["merges"] = ex.merges
     return out
 
@@ -307,12 +364,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument(
+        "--search-trials",
+        type=int,
+        default=SEARCH_TRIALS,
+        help=f"trials of the mmerge evolve row (default {SEARCH_TRIALS}; 0: no search)",
+    )
     ap.add_argument("--quiet", action="store_true", help="print only the tables")
     args = ap.parse_args(argv)
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     started = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",")]
-    results = [run_seed(Config(seed=s), log) for s in seeds]
+    results = [run_seed(Config(seed=s), log, search_trials=args.search_trials) for s in seeds]
     wall = time.perf_counter() - started
     tasks = list(Config().tasks)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -324,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
             " at their registered defaults). sd: spread of the mean over seeds. gap: mean"
             " minus the fine-tunes' mean. kept: share of the fine-tuning gain over the base"
             " kept. val: the chosen setting's validation mean. defaults: test mean at the"
-            " registered defaults. Tasks: "
+            " registered defaults. evolve: `mmerge.evolve` (CMA-ES) searching one"
+            f" {SEARCH_METHOD} weight per fine-tune and per layer in {list(SEARCH_RANGE)} on"
+            " the validation split; its best recipe scored on test. Tasks: "
             + "; ".join(f"{t} ({TASKS[t].description})" for t in tasks)
             + ".",
             table(results, "multi", tasks),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "merge", "merge_tensors", "methods"]
+__all__ = ["__version__", "evolve", "merge", "merge_tensors", "methods"]
 
 
 def __getattr__(name: str):
@@ -17,8 +17,8 @@ def __getattr__(name: str):
         from mmerge.engine import api
 
         return getattr(api, name)
-    if name == "methods":
+    if name in ("methods", "evolve"):  # evolve: a callable package, `mmerge.evolve(...)`
         import importlib
 
-        return importlib.import_module("mmerge.methods")
+        return importlib.import_module(f"mmerge.{name}")
     raise AttributeError(f"module 'mmerge' has no attribute {name!r}")

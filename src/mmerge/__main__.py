@@ -3,11 +3,12 @@ modules are still loading, ends with one line and exit status 130, never a trace
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
 def main(args: list[str] | None = None) -> int:
-    """Entry point of the `mmerge` console script."""
+    """Run one command line (`sys.argv` by default) and return its exit status."""
     try:
         from mmerge.cli import run_cli
 
@@ -17,5 +18,15 @@ def main(args: list[str] | None = None) -> int:
         return 130
 
 
+def program() -> int:
+    """The `mmerge` console script: `main`, after which Ctrl-C is ignored. Python restores
+    SIGINT's default action while it shuts down, so a late Ctrl-C would kill the exit silently;
+    an ignored signal is left alone. Only the program owns its process's signals."""
+    try:
+        return main()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(program())

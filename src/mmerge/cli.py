@@ -495,6 +495,15 @@ def _register_analyze() -> None:
 _register_analyze()
 
 
+def _register_evolve() -> None:
+    from mmerge.evolve.command import evolve
+
+    cli.add_command(evolve)
+
+
+_register_evolve()
+
+
 def _register_lora() -> None:
     from mmerge.lora.command import lora
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -178,11 +179,10 @@ def check_space(space: SearchSpace, in_memory: bool) -> None:
         raise InvalidInput("in-memory evaluation supports 'models' recipes, not 'slices'")
     for unit, where in ((0.0, "low end"), (0.5, "midpoint"), (1.0, "high end")):
         try:
-            checkpoints = plan_recipe(space.recipe(space.corner(unit)), Path.cwd())[1]
+            with contextlib.ExitStack() as closer:
+                plan_recipe(space.recipe(space.corner(unit)), Path.cwd(), closer)
         except (MmergeError, OSError) as exc:
             raise InvalidInput(f"with every range at its {where}: {exc}") from None
-        for c in checkpoints:
-            c.close()
 
 
 def _check_counts(trials: int, workers: int, keep_top: int, heartbeat: int) -> None:

@@ -57,8 +57,9 @@ def _karcher(n: int) -> st.SearchStrategy[dict[str, Any]]:
 
 def _directions_do_not_cancel(inputs: Inputs, params: dict[str, Any]) -> bool:
     """The weighted mean of the unit directions (of vectors longer than tol, as karcher uses)
-    is not near 0: antipodal models with balancing weights have no unique spherical mean, and
-    karcher then starts from the first model, so order and rounding decide the result."""
+    is not near 0: antipodal models with balancing weights have no unique spherical mean;
+    karcher then starts from the first model, and multislerp switches to a linear mix at
+    |mean| < 1e-8, so order and rounding decide the result."""
     n = len(inputs.models)
     weight = params.get("weight", 1.0)
     weights = list(weight) if isinstance(weight, list) else [weight] * n
@@ -143,7 +144,9 @@ CONDITIONING: dict[str, Conditioning] = {
     # normalized weights that cancel have no defined result (spec: "sum not 0")
     "linear": Conditioning(_weights),
     "nuslerp": Conditioning(_weights, well_posed=_away_from_lerp_switch),
-    "multislerp": Conditioning(_weights, refusals=("directions cancel out",)),
+    "multislerp": Conditioning(
+        _weights, well_posed=_directions_do_not_cancel, refusals=("directions cancel out",)
+    ),
     "karcher": Conditioning(_karcher, well_posed=_directions_do_not_cancel),
     # density - epsilon > 0 and density + epsilon <= 1 (spec section 4)
     "della": Conditioning(_della, coupled=("density", "epsilon")),

@@ -109,8 +109,7 @@ def _cholesky_qr(xp, y: Array, tol: float) -> tuple[Array, Array] | None:
     when exactly so) or not finite, or when the passes do not get there."""
     import numpy as np
 
-    from mmerge.backend import device_of
-    from mmerge.backend.transfer import to_host
+    from mmerge.backend import device_of, to_host
 
     eye = np.eye(y.shape[1])
     q, r = y, eye

@@ -475,8 +475,9 @@ def test_merge_and_recipes_close_every_checkpoint_they_open(family_files, tmp_pa
 _COUNT_PLANS = """
 import sys
 from mmerge.engine import api, recipe
+from mmerge.lora import applying
 built = []
-for module, name in ((api, "build_plan"), (recipe, "plan_recipe")):
+for module, name in ((api, "build_plan"), (recipe, "plan_recipe"), (applying, "build_plan")):
     def counted(*args, _real=getattr(module, name), **kwargs):
         built.append(1)
         return _real(*args, **kwargs)
@@ -488,7 +489,7 @@ sys.exit(code)
 """
 
 
-@pytest.mark.parametrize("command", ["stream", "run"])
+@pytest.mark.parametrize("command", ["stream", "run", "lora apply"])
 def test_a_terminal_merge_builds_its_plan_once(command, family_files, tmp_path):
     """With a progress bar (stderr a terminal) the bar's total comes from the merge itself,
     not from a dry run that opens and plans everything a second time."""
@@ -503,6 +504,11 @@ def test_a_terminal_merge_builds_its_plan_once(command, family_files, tmp_path):
 
     if command == "stream":
         args = ["stream", str(family_files["ft1"]), str(family_files["ft2"])]
+    elif command == "lora apply":
+        from mmerge.testing import random_adapter
+
+        adapter = random_adapter(family_files["base"], tmp_path / "ad", rank=4, alpha=8, scale=0.2)
+        args = ["lora", "apply", str(family_files["base"]), str(adapter)]
     else:
         path = tmp_path / "r.yaml"
         path.write_text(

@@ -220,7 +220,7 @@ class Search:
         shutil.rmtree(model.parent, ignore_errors=True)
         model.parent.mkdir(parents=True)
 
-        def check_stop(_n: int) -> None:
+        def check_stop(_done: int, _total: int) -> None:
             if self.stop.is_set():
                 raise Stopped
 

@@ -13,6 +13,7 @@ from mmerge.cli import (
     _Group,
     _numbers,
     _param_value,
+    _Progress,
     debug_option,
     device_options,
     human,
@@ -133,17 +134,11 @@ def apply_command(
     )
 
     started = time.perf_counter()
-    bar = on_progress = None
+    bar = None
     if not dry_run and not quiet and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        total = apply(base, list(adapters), output, dry_run=True, **kwargs).plan.bytes_written()
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="applying", leave=False)
-        on_progress = bar.update
+        bar = _Progress()  # its total comes from the merge itself: the plan is built once
     try:
-        result = apply(
-            base, list(adapters), output, dry_run=dry_run, on_progress=on_progress, **kwargs
-        )
+        result = apply(base, list(adapters), output, dry_run=dry_run, on_progress=bar, **kwargs)
     finally:
         if bar is not None:
             bar.close()

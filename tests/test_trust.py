@@ -461,6 +461,12 @@ def _wait_for_numpy(pid: int, timeout: float = 30.0) -> None:
         time.sleep(0.005)
 
 
+def _as_at_a_terminal() -> None:
+    """In the child: Ctrl-C's default action, as a shell at a terminal gives it. A test run
+    started in the background inherits SIGINT ignored, and so would the command."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
 def test_ctrl_c_at_any_moment_is_one_line_and_status_130(tmp_path):
@@ -470,7 +476,9 @@ def test_ctrl_c_at_any_moment_is_one_line_and_status_130(tmp_path):
     for k, delay in enumerate((0.0, 0.05, 0.2, 0.4, 0.8)):
         out = tmp_path / f"out{k}"
         cmd = [str(exe), "stream", str(family["ft1"]), str(family["ft2"]), "-o", str(out), "-q"]
-        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            cmd, stderr=subprocess.PIPE, text=True, preexec_fn=_as_at_a_terminal
+        )
         _wait_for_numpy(proc.pid)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)

@@ -715,6 +715,21 @@ def test_importing_mmerge_and_mmerge_lora_imports_no_framework():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("group", ["lora", "evolve", "analyze"])
+def test_a_command_module_imports_first_and_the_command_line_loads_none(group):
+    """Command modules import the command line's helpers; the command line imports them only
+    when their command is used or listed, so either may be imported first."""
+    code = (
+        f"import sys, mmerge.{group}.command, mmerge.cli\n"
+        "del sys.modules['mmerge.cli']\n"
+        "for m in [m for m in sys.modules if m.endswith('.command')]: del sys.modules[m]\n"
+        "import mmerge.cli\n"
+        "print(sorted(m for m in sys.modules if m.endswith('.command')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_invalid_library_arguments_are_clear(family, adapter, tmp_path):
     with pytest.raises(InvalidInput, match="2 weights for 1 adapters"):
         mmerge.lora.apply(family["base"], [adapter], tmp_path / "o", weights=[1, 2])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import sys
@@ -59,7 +60,20 @@ INTERRUPTED = 130  # the shell's exit status for a process ended by Ctrl-C
 
 
 class _Group(click.Group):
-    """Turns library errors into one clear line; a traceback only with --debug."""
+    """Turns library errors into one clear line; a traceback only with --debug. Subcommands in
+    `lazy` ("name": "module:attribute") are imported when used or listed, so each command loads
+    only its own modules and those modules may import this one."""
+
+    lazy: dict[str, str] = {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            module, attribute = self.lazy[name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -486,31 +500,11 @@ def methods(name):
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + r[3])
 
 
-def _register_analyze() -> None:
-    from mmerge.analyze.command import analyze
-
-    cli.add_command(analyze)
-
-
-_register_analyze()
-
-
-def _register_evolve() -> None:
-    from mmerge.evolve.command import evolve
-
-    cli.add_command(evolve)
-
-
-_register_evolve()
-
-
-def _register_lora() -> None:
-    from mmerge.lora.command import lora
-
-    cli.add_command(lora)
-
-
-_register_lora()
+cli.lazy = {
+    "analyze": "mmerge.analyze.command:analyze",
+    "evolve": "mmerge.evolve.command:evolve",
+    "lora": "mmerge.lora.command:lora",
+}
 
 
 def run_cli(args: list[str] | None = None) -> int:

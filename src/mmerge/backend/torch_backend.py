@@ -134,12 +134,21 @@ class TorchBackend(Backend):
         counts = torch.bincount(values.to(torch.int64), minlength=length)
         return counts.cpu().numpy().astype(np.int64, copy=False)
 
-    def kth_largest(self, a: Array, k: int) -> float:
+    def compress(self, x: Array, where: Array) -> tuple[Array, Array]:
         import torch
 
-        if a.device.type == "cpu":
-            return float(torch.kthvalue(a, a.shape[0] - k + 1).values)
-        return float(torch.topk(a, k, sorted=False).values.min())
+        index = torch.nonzero(where.reshape(-1)).reshape(-1)
+        return x.reshape(-1)[index], index
+
+    def kth_largest(self, a: Array, k: int) -> int | float:
+        import torch
+
+        if a.device.type == "cpu":  # numpy's partition in place, on the same memory
+            n = a.shape[0]
+            host = a.numpy()
+            host.partition(n - k)
+            return host[n - k].item()
+        return torch.topk(a, k, sorted=False).values.min().item()
 
     def array_device(self):
         return self.device

@@ -306,3 +306,14 @@ def test_compress_and_kth_largest(name):
     for k, want in [(1, 9), (2, 7), (3, 7), (4, 5), (6, 1)]:
         assert on.kth_largest(on.from_host(host.copy()), k) == want
     assert on.kth_largest(on.from_host(np.array([0.5, 2.5, 1.0], np.float32)), 2) == 1.0
+
+
+@pytest.mark.parametrize("name", LOCAL)
+@pytest.mark.parametrize("shape", [(3, 40), (2, 9, 4), (1, 1)])
+def test_ranks_are_the_stable_argsort_of_the_stable_argsort(name, shape):
+    host = np.abs(np.round(np.random.default_rng(4).standard_normal(shape) * 4) / 4)
+    host = host.astype(np.float32)  # a quarter grid: many ties
+    on = B.get(name)
+    got = B.to_host(on.ranks(on.from_host(host), axis=1))
+    order = np.argsort(host, axis=1, kind="stable")
+    np.testing.assert_array_equal(got, np.argsort(order, axis=1, kind="stable"))

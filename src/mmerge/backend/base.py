@@ -5,7 +5,7 @@ device, with portable array-API defaults that each library's subclass replaces b
   compute-dtype array on the device, widened there; `from_host` / `to_host` move numpy arrays.
 - `float_bits`, `digits`, `bincount`, `compress`, `kth_largest`: the integer view of floats,
   its 16-bit digits, counting them, gathering entries, and the k-th value at once, for exact
-  selections.
+  selections; `ranks` for rank-based ones.
 - `keep_mask`: the counter-based random bits of `backend.rng`.
 - `chunk_elements`: how many entries per input a chunk should hold on this device.
 """
@@ -149,6 +149,13 @@ class Backend:
         a Python number. `a` is scratch: it may be reordered."""
         value = self.xp.sort(a)[a.shape[0] - k]
         return int(value) if self.xp.isdtype(value.dtype, "integral") else float(value)
+
+    def ranks(self, a: Array, axis: int) -> Array:
+        """The ascending rank (0 .. n-1, int64) of each entry of the non-negative float array
+        `a` among the n entries along `axis`, equal values ranked by position. Portable form:
+        a stable argsort of the stable argsort."""
+        xp = self.xp
+        return xp.argsort(xp.argsort(a, axis=axis, stable=True), axis=axis, stable=True)
 
     # -- random bits ----------------------------------------------------------------------------
 

@@ -48,6 +48,21 @@ class NumpyBackend(Backend):
         a.partition(n - k)  # in place: no copy of a whole tensor's statistic
         return a[n - k].item()
 
+    def ranks(self, a: Array, axis: int) -> Array:
+        if a.dtype != np.float32:
+            return super().ranks(a, axis)
+        # one sort of unique int64 keys: the value's bits above, its position below (the
+        # bits of non-negative floats order as their values), then the inverse permutation
+        lines = np.moveaxis(a, axis, -1)
+        n = lines.shape[-1]
+        keys = lines.view(np.int32).astype(np.int64) << 32
+        keys |= np.arange(n, dtype=np.int64)
+        keys.sort(axis=-1)
+        order = np.bitwise_and(keys, 0xFFFFFFFF, out=keys)
+        out = np.empty(lines.shape, np.int64)
+        np.put_along_axis(out, order, np.broadcast_to(np.arange(n), lines.shape), axis=-1)
+        return np.moveaxis(out, -1, axis)
+
     def keep_mask(self, n: int, threshold, keys: tuple[int, int], start: int = 0) -> Array:
         out = np.empty(n, bool)
         per_element = not isinstance(threshold, int)

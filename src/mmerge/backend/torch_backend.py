@@ -150,5 +150,14 @@ class TorchBackend(Backend):
             return host[n - k].item()
         return torch.topk(a, k, sorted=False).values.min().item()
 
+    def ranks(self, a: Array, axis: int) -> Array:
+        import torch
+
+        order = torch.sort(a, dim=axis, stable=True).indices
+        shape = [1] * a.ndim
+        shape[axis] = a.shape[axis]
+        positions = torch.arange(a.shape[axis], device=a.device).reshape(shape).expand_as(order)
+        return torch.empty_like(order).scatter_(axis, order, positions)
+
     def array_device(self):
         return self.device

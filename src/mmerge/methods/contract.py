@@ -145,6 +145,7 @@ class Chunk:
     models: list[Array]
     base: Array | None
     start: int = 0
+    memo: dict[Hashable, Any] = field(default_factory=dict)  # found once, used again on it
 
     @property
     def size(self) -> int:

@@ -282,3 +282,38 @@ def test_float_bits_and_bincount(name):
     where = on.from_host(np.array([True, False, True, True]))
     idx = on.from_host(np.array([0, 3, 3, 1], np.int32))
     assert on.bincount(idx, 5, where=where).tolist() == [1, 1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("name", LOCAL)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_digits_are_the_16_bit_parts_of_the_bits(name, dtype):
+    on = B.get(name)
+    host = np.array([0.0, 1.0, 3.5e-30, np.finfo(dtype).max, 0.1], dtype)
+    bits = on.float_bits(on.from_host(host))
+    ints = host.view(np.int32 if dtype == np.float32 else np.int64).astype(np.int64)
+    for shift in range(0, 8 * host.itemsize, 16):
+        got = np.asarray(B.to_host(on.digits(bits, shift)), np.int64)
+        np.testing.assert_array_equal(got, (ints >> shift) & 0xFFFF, err_msg=str(shift))
+
+
+@pytest.mark.parametrize("name", LOCAL)
+def test_compress_and_kth_largest(name):
+    on = B.get(name)
+    host = np.array([5, 1, 7, 7, 2, 9], np.int32)
+    values, index = on.compress(on.from_host(host), on.from_host(host > 4))
+    assert B.to_host(values).tolist() == [5, 7, 7, 9]
+    assert B.to_host(index).tolist() == [0, 2, 3, 5]
+    for k, want in [(1, 9), (2, 7), (3, 7), (4, 5), (6, 1)]:
+        assert on.kth_largest(on.from_host(host.copy()), k) == want
+    assert on.kth_largest(on.from_host(np.array([0.5, 2.5, 1.0], np.float32)), 2) == 1.0
+
+
+@pytest.mark.parametrize("name", LOCAL)
+@pytest.mark.parametrize("shape", [(3, 40), (2, 9, 4), (1, 1)])
+def test_ranks_are_the_stable_argsort_of_the_stable_argsort(name, shape):
+    host = np.abs(np.round(np.random.default_rng(4).standard_normal(shape) * 4) / 4)
+    host = host.astype(np.float32)  # a quarter grid: many ties
+    on = B.get(name)
+    got = B.to_host(on.ranks(on.from_host(host), axis=1))
+    order = np.argsort(host, axis=1, kind="stable")
+    np.testing.assert_array_equal(got, np.argsort(order, axis=1, kind="stable"))

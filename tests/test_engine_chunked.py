@@ -1,6 +1,7 @@
 """The engine runs every method's passes and apply over chunks; the result must be bit-identical
 to the method applied to whole tensors in memory (`merge_tensors`), for every registered method
-and every case of its spec vectors, on numpy and torch, with many chunks per tensor."""
+and every case of its spec vectors, on numpy and torch, with many chunks per tensor, whatever a
+merge may hold between its passes (so whichever passes find its statistics)."""
 
 import numpy as np
 import pytest
@@ -8,11 +9,11 @@ import pytest
 import mmerge
 import mmerge.backend
 from conformance.vectors import available, load
-from mmerge.engine.execute import Execution, chunk_bounds, job_for
+from mmerge.engine.execute import HOLD, Execution, chunk_bounds, job_for
 from mmerge.engine.output import OutputOptions, write_plan
 from mmerge.engine.plan import Source, build_plan
 from mmerge.io import open_checkpoint
-from mmerge.methods import contract
+from mmerge.methods import contract, get
 from mmerge.testing import write_model_family
 
 CASES = [(m, c["id"]) for m in available() for c in load(m)["cases"]]
@@ -47,7 +48,12 @@ def load_tensors(path, backend="numpy"):
         return {n: on.from_host(np.array(r.to_numpy())) for n, r in ckpt.items()}
 
 
-def merged_both_ways(family, method, n, with_base, params, backend, tmp_path):
+# bytes a merge may hold between passes: the engine's budget (every tensor here fits), a few
+# kilobytes (the larger tensors count bits first), nothing (passes count bits alone)
+HOLDS = {"hold-all": HOLD, "hold-some": 2000, "hold-none": 0}
+
+
+def merged_both_ways(family, method, n, with_base, params, backend, tmp_path, hold=HOLD):
     """(engine result, merge_tensors result) as {name: float32 array}."""
     names = [f"ft{i + 1}" for i in range(n)]
     ckpts = [open_checkpoint(family[k]) for k in names]
@@ -60,7 +66,7 @@ def merged_both_ways(family, method, n, with_base, params, backend, tmp_path):
         params=params,
         out_dtype="float32",
     )
-    run = Execution(backend=backend, chunk_elements=96)
+    run = Execution(backend=backend, chunk_elements=96, hold=hold)
     embed = next(i for i in plan.items if i.name == "model.embed_tokens.weight")
     if not embed.is_copy:  # the big tensor really takes many chunks
         assert len(chunk_bounds(embed.numel, job_for(embed, "float32").block, 96)) > 5
@@ -82,10 +88,18 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(contract, "BLOCK", 32)  # exact sums over blocks of 32 entries
 
 
-@pytest.mark.parametrize(("method", "case_id"), CASES, ids=[f"{m}-{c}" for m, c in CASES])
+RUNS = [  # every case with the engine's budget; those of methods with passes with every budget
+    pytest.param(m, c, hold, id=f"{m}-{c}-{name}")
+    for m, c in CASES
+    for name, hold in HOLDS.items()
+    if hold == HOLD or get(m).passes
+]
+
+
+@pytest.mark.parametrize(("method", "case_id", "hold"), RUNS)
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 def test_chunked_merge_equals_whole_tensor_merge(
-    method, case_id, backend, bf16_family, tmp_path, small_blocks
+    method, case_id, hold, backend, bf16_family, tmp_path, small_blocks
 ):
     if backend == "torch":
         pytest.importorskip("torch")
@@ -98,14 +112,18 @@ def test_chunked_merge_equals_whole_tensor_merge(
         case["params"],
         backend,
         tmp_path,
+        hold,
     )
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
 @pytest.mark.parametrize(("method", "params"), MODEL_SCOPE)
-def test_chunked_model_scope_equals_in_memory(method, params, bf16_family, tmp_path, small_blocks):
+@pytest.mark.parametrize("hold", HOLDS.values(), ids=HOLDS.keys())
+def test_chunked_model_scope_equals_in_memory(
+    method, params, hold, bf16_family, tmp_path, small_blocks
+):
     """Passes over the whole model span every tensor, streamed or in memory alike."""
-    got, want = merged_both_ways(bf16_family, method, 2, True, params, "numpy", tmp_path)
+    got, want = merged_both_ways(bf16_family, method, 2, True, params, "numpy", tmp_path, hold)
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)

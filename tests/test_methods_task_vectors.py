@@ -163,6 +163,22 @@ def test_della_linear_ranks_along_axis_1(be, shape):
     assert_close(got, want)
 
 
+@pytest.mark.parametrize("rescale", ["l1", "inverse_density", "none"])
+def test_della_ranks_each_row_once(monkeypatch, rescale):
+    """The drop and the rescale share one ranking, and the l1 pass hands its masks to the
+    apply: each model's rows are ranked once, whatever the rescale."""
+    from mmerge.backend.numpy_backend import NumpyBackend
+
+    ranked = []
+    ranks = NumpyBackend.ranks
+    monkeypatch.setattr(
+        NumpyBackend, "ranks", lambda self, a, axis: ranked.append(a.shape) or ranks(self, a, axis)
+    )
+    models, base = family(6, shape=(6, 5), models=3)
+    M.della(models, base=base, density=0.5, epsilon=0.2, rescale=rescale, seed=3)
+    assert len(ranked) == 3
+
+
 @pytest.mark.parametrize("be", BACKENDS)
 @pytest.mark.parametrize("select_topk", [1.0, 0.3])
 def test_sce(be, select_topk):

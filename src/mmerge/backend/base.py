@@ -3,7 +3,9 @@ device, with portable array-API defaults that each library's subclass replaces b
 
 - `from_stored(raw, dtype)`: stored bytes (BF16, F16, F8 bits as read from a checkpoint) to a
   compute-dtype array on the device, widened there; `from_host` / `to_host` move numpy arrays.
-- `float_bits`, `bincount`: the integer view of floats and counting, for exact selections.
+- `float_bits`, `digits`, `bincount`, `compress`, `kth_largest`: the integer view of floats,
+  its 16-bit digits, counting them, gathering entries, and the k-th value at once, for exact
+  selections; `ranks` for rank-based ones.
 - `keep_mask`: the counter-based random bits of `backend.rng`.
 - `chunk_elements`: how many entries per input a chunk should hold on this device.
 """
@@ -122,6 +124,11 @@ class Backend:
         host = self.to_host(x)
         return self.from_host(host.view(np.int32 if host.itemsize == 4 else np.int64))
 
+    def digits(self, bits: Array, shift: int) -> Array:
+        """Bits shift .. shift+15 (shift a multiple of 16) of the non-negative integers `bits`,
+        as integers 0 .. 65535, for `bincount`."""
+        return (bits >> shift) & 0xFFFF
+
     def bincount(self, x: Array, length: int, where: Array | None = None) -> np.ndarray:
         """Counts (int64, on the host) of each value 0 .. length-1 in the integer array `x`
         (only where `where` is True, when given)."""
@@ -130,10 +137,25 @@ class Backend:
             values = values[np.asarray(self.to_host(where)).reshape(-1)]
         return np.bincount(values, minlength=length)
 
-    def kth_largest(self, a: Array, k: int) -> float:
-        """The k-th largest value (1 <= k <= n) of the flat array `a`."""
+    def compress(self, x: Array, where: Array) -> tuple[Array, Array]:
+        """The entries of the flat `x` where `where` is True, and their indices (int64): a
+        shape that depends on the data, which the standard leaves optional. Portable form:
+        on the host."""
+        index = np.flatnonzero(self.to_host(where))
+        return self.from_host(self.to_host(x)[index]), self.from_host(index)
+
+    def kth_largest(self, a: Array, k: int) -> int | float:
+        """The k-th largest value (1 <= k <= n) of the flat array `a` (integers or floats), as
+        a Python number. `a` is scratch: it may be reordered."""
+        value = self.xp.sort(a)[a.shape[0] - k]
+        return int(value) if self.xp.isdtype(value.dtype, "integral") else float(value)
+
+    def ranks(self, a: Array, axis: int) -> Array:
+        """The ascending rank (0 .. n-1, int64) of each entry of the non-negative float array
+        `a` among the n entries along `axis`, equal values ranked by position. Portable form:
+        a stable argsort of the stable argsort."""
         xp = self.xp
-        return float(xp.sort(a)[a.shape[0] - k])
+        return xp.argsort(xp.argsort(a, axis=axis, stable=True), axis=axis, stable=True)
 
     # -- random bits ----------------------------------------------------------------------------
 

@@ -73,11 +73,16 @@ class CupyBackend(Backend):
         counts = cupy.bincount(values, minlength=length)
         return cupy.asnumpy(counts).astype(np.int64, copy=False)
 
-    def kth_largest(self, a: Array, k: int) -> float:
+    def compress(self, x: Array, where: Array) -> tuple[Array, Array]:
+        import cupy
+
+        index = cupy.flatnonzero(where)
+        return x.reshape(-1)[index], index
+
+    def kth_largest(self, a: Array, k: int) -> int | float:
         n = a.shape[0]
-        scratch = a.copy()
-        scratch.partition(n - k)
-        return float(scratch[n - k])
+        a.partition(n - k)
+        return a[n - k].item()
 
     def array_device(self):
         return self._device()

@@ -56,8 +56,8 @@ class MlxBackend(Backend):
 
         return x.view(mx.int32 if x.dtype.size == 4 else mx.int64)
 
-    def kth_largest(self, a: Array, k: int) -> float:
+    def kth_largest(self, a: Array, k: int) -> int | float:
         import mlx.core as mx
 
         n = a.shape[0]
-        return float(mx.partition(a, n - k)[n - k])
+        return mx.partition(a, n - k)[n - k].item()

@@ -3,6 +3,8 @@ random bits in uint32 (the same values as the portable int64 form, at a fraction
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from mmerge.backend import rng
@@ -27,13 +29,39 @@ class NumpyBackend(Backend):
     def float_bits(self, x: Array) -> Array:
         return x.view(np.int32 if x.dtype.itemsize == 4 else np.int64)
 
+    def digits(self, bits: Array, shift: int) -> Array:
+        if sys.byteorder != "little" or bits.ndim != 1:
+            return super().digits(bits, shift)
+        per_item = bits.dtype.itemsize // 2  # a strided view of 16-bit halves: nothing computed
+        return bits.view(np.uint16)[shift // 16 :: per_item]
+
     def bincount(self, x: Array, length: int, where: Array | None = None) -> np.ndarray:
         values = x.reshape(-1) if where is None else x.reshape(-1)[where.reshape(-1)]
         return np.bincount(values, minlength=length).astype(np.int64, copy=False)
 
-    def kth_largest(self, a: Array, k: int) -> float:
+    def compress(self, x: Array, where: Array) -> tuple[Array, Array]:
+        index = np.flatnonzero(where)
+        return x[index], index
+
+    def kth_largest(self, a: Array, k: int) -> int | float:
         n = a.shape[0]
-        return float(np.partition(a, n - k)[n - k])
+        a.partition(n - k)  # in place: no copy of a whole tensor's statistic
+        return a[n - k].item()
+
+    def ranks(self, a: Array, axis: int) -> Array:
+        if a.dtype != np.float32:
+            return super().ranks(a, axis)
+        # one sort of unique int64 keys: the value's bits above, its position below (the
+        # bits of non-negative floats order as their values), then the inverse permutation
+        lines = np.moveaxis(a, axis, -1)
+        n = lines.shape[-1]
+        keys = lines.view(np.int32).astype(np.int64) << 32
+        keys |= np.arange(n, dtype=np.int64)
+        keys.sort(axis=-1)
+        order = np.bitwise_and(keys, 0xFFFFFFFF, out=keys)
+        out = np.empty(lines.shape, np.int64)
+        np.put_along_axis(out, order, np.broadcast_to(np.arange(n), lines.shape), axis=-1)
+        return np.moveaxis(out, -1, axis)
 
     def keep_mask(self, n: int, threshold, keys: tuple[int, int], start: int = 0) -> Array:
         out = np.empty(n, bool)

@@ -134,12 +134,30 @@ class TorchBackend(Backend):
         counts = torch.bincount(values.to(torch.int64), minlength=length)
         return counts.cpu().numpy().astype(np.int64, copy=False)
 
-    def kth_largest(self, a: Array, k: int) -> float:
+    def compress(self, x: Array, where: Array) -> tuple[Array, Array]:
         import torch
 
-        if a.device.type == "cpu":
-            return float(torch.kthvalue(a, a.shape[0] - k + 1).values)
-        return float(torch.topk(a, k, sorted=False).values.min())
+        index = torch.nonzero(where.reshape(-1)).reshape(-1)
+        return x.reshape(-1)[index], index
+
+    def kth_largest(self, a: Array, k: int) -> int | float:
+        import torch
+
+        if a.device.type == "cpu":  # numpy's partition in place, on the same memory
+            n = a.shape[0]
+            host = a.numpy()
+            host.partition(n - k)
+            return host[n - k].item()
+        return torch.topk(a, k, sorted=False).values.min().item()
+
+    def ranks(self, a: Array, axis: int) -> Array:
+        import torch
+
+        order = torch.sort(a, dim=axis, stable=True).indices
+        shape = [1] * a.ndim
+        shape[axis] = a.shape[axis]
+        positions = torch.arange(a.shape[axis], device=a.device).reshape(shape).expand_as(order)
+        return torch.empty_like(order).scatter_(axis, order, positions)
 
     def array_device(self):
         return self.device

@@ -24,13 +24,15 @@ from mmerge.io.dtypes import DTYPES, check_fits
 from mmerge.methods.contract import Chunk, Job, Pass, run_passes
 
 MEMORY_BUDGET = 640 << 20  # bytes of working memory the tasks in flight may hold together
+HOLD = 128 << 20  # bytes a tensor's merge may keep between its passes (see Job.holds)
 TEMPORARIES = 6  # chunk-sized arrays a method holds besides its inputs (a generous count)
 
 
 @dataclass(frozen=True)
 class Execution:
-    """How to compute: backend and device, compute dtype, threads, progress callback, and the
-    entries per chunk (None: what the backend suits)."""
+    """How to compute: backend and device, compute dtype, threads, progress callback, the
+    entries per chunk (None: what the backend suits), and the bytes a tensor's merge may keep
+    between its passes."""
 
     backend: str = "numpy"
     device: str | None = None
@@ -38,13 +40,14 @@ class Execution:
     workers: int = 2
     on_progress: Callable[[int, int], None] | None = None  # (bytes written, bytes to write)
     chunk_elements: int | None = None
+    hold: int = HOLD
 
 
-def job_for(item: PlanItem, compute: str) -> Job:
+def job_for(item: PlanItem, compute: str, hold: int = HOLD) -> Job:
     """The method's job for a merged plan item."""
     has_base = item.base is not None
     job = item.method.job(item.shape, len(item.sources), has_base, item.params, item.name)
-    job.compute = compute
+    job.compute, job.hold = compute, hold
     return job
 
 
@@ -195,7 +198,8 @@ class Runner:
         self.total = sum(i.numel * DTYPES[i.out_dtype].itemsize for i in items if i.name in pending)
         if self.run.on_progress is not None:
             self.run.on_progress(0, self.total)
-        jobs = [None if i.is_copy else job_for(i, self.run.compute_dtype) for i in items]
+        run = self.run
+        jobs = [None if i.is_copy else job_for(i, run.compute_dtype, run.hold) for i in items]
 
         def measure(i: int, p: Pass):
             return self.measure(items[i], jobs[i], p)
@@ -228,13 +232,20 @@ def write_chunk(runner: Runner, item: PlanItem, job: Job | None, start: int, sto
 
 
 def estimate_peak(plan: Plan, run: Execution = Execution()) -> int:
-    """Working memory the executor may hold at once (chunk tasks in flight), for --dry-run."""
+    """Working memory the executor may hold at once (chunk tasks in flight, and what a merge
+    with passes keeps between them, twice while it is joined), for --dry-run."""
     target = run.chunk_elements or backends.get(run.backend, run.device).chunk_elements
     width = 8 if run.compute_dtype == "float64" else 4
     costs = [
         min(item.numel, target) * width * (len(item.inputs()) + TEMPORARIES) for item in plan.items
     ]
-    return min(MEMORY_BUDGET, (2 * run.workers + 1) * max(costs, default=0))
+    tasks = min(MEMORY_BUDGET, (2 * run.workers + 1) * max(costs, default=0))
+    held = [
+        min(run.hold, item.numel * len(item.sources) * width)
+        for item in plan.items
+        if not item.is_copy and item.method.passes
+    ]
+    return tasks + 2 * max(held, default=0)
 
 
 def execute(plan: Plan, writer, run: Execution = Execution()) -> None:

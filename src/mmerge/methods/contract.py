@@ -18,7 +18,9 @@ tensor whose pass has the same `population` key contributes to one total, stored
 The engine runs passes and applies over the chunks of a checkpoint with bounded memory; a
 library call on whole arrays runs the same code on one chunk (`run_whole`), so a chunked merge
 equals an in-memory one. Chunks hold whole blocks (`Job.block` entries), so blocks, and any
-per-row work within a granule, never straddle two chunks.
+per-row work within a granule, never straddle two chunks. A tensor's passes and its apply see
+the same chunks, so a pass may hand the apply what it found per chunk (keyed by `Chunk.start`)
+where `Job.holds` allows it.
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ class Blocks:
 @dataclass
 class Job:
     """One output tensor's merge: the method, its resolved parameters, the tensor's shape and
-    name, and the statistics its passes found so far."""
+    name, the statistics its passes found so far, and how many bytes it may hold between
+    passes (whole arrays in memory: no limit; the engine: its memory budget)."""
 
     method: MethodSpec
     params: dict[str, Any]
@@ -106,6 +109,12 @@ class Job:
     tensor_name: str = ""
     compute: str = "float32"  # the compute dtype's name
     stats: dict[str, Any] = field(default_factory=dict)
+    hold: int | None = None  # bytes a method may keep between passes (None: no limit)
+
+    def holds(self, nbytes: int) -> bool:
+        """Whether the method may keep `nbytes` from one pass to the next (a statistic of the
+        whole tensor, masks for the apply) rather than find them again, pass by pass."""
+        return self.hold is None or nbytes <= self.hold
 
     @property
     def numel(self) -> int:
@@ -136,6 +145,7 @@ class Chunk:
     models: list[Array]
     base: Array | None
     start: int = 0
+    memo: dict[Hashable, Any] = field(default_factory=dict)  # found once, used again on it
 
     @property
     def size(self) -> int:

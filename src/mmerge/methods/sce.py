@@ -43,7 +43,12 @@ def _select_counts(job: Job, sizes: list[int], nonzero: list[int]) -> list[tuple
     return [(int(job.params["select_topk"] * nonzero[0]),)]
 
 
-SELECT = Selection("select", lambda job, chunk: [variance(chunk.xp, chunk.deltas)], _select_counts)
+SELECT = Selection(
+    "select",
+    lambda job, chunk: [variance(chunk.xp, chunk.deltas)],
+    _select_counts,
+    streams=lambda job: 1,
+)
 
 
 def _selecting(job: Job) -> bool:

@@ -1,14 +1,18 @@
 """Exact selection of the largest entries of a non-negative statistic (|task vector|, variance),
-found in streamed passes with a few megabytes, however large the tensor or the model.
+found in streamed passes with bounded memory, however large the tensor or the model.
 
 The bit patterns of non-negative floats order exactly as their values do, so the k-th largest
-value is found 16 bits at a time: one pass counts the top 16 bits of every entry (65536 bins),
-the next counts the following 16 bits among the entries in the bin found so far, and so on (two
-passes in float32, four in float64). Then `ties="all"` keeps every entry >= that value (the TIES
-paper's rule), while `ties="index"` keeps exactly k, the entries equal to it taken in flat index
-order; when some of them are left out, one more pass counts them per block to find where the cut
-falls. Statistics are per *stream* (one per model for TIES, one for SCE's variance), and each
-stream may ask for several k at once (breadcrumbs' band is two selections on one histogram).
+value is found among integers. Where the job may hold one tensor's statistic (`Job.holds`), one
+pass gathers it and the backend's k-th value finds the threshold at once. Otherwise passes narrow
+it down 16 bits at a time: one counts the top 16 bits of every entry (65536 bins); then, once
+the entries sharing the bits found so far may be held, the next pass gathers them and finds the
+threshold among them, and where they may not, it counts their next 16 bits, and so on. Then
+`ties="all"` keeps every entry >= that value (the TIES paper's rule), while `ties="index"` keeps
+exactly k, the entries equal to it taken in flat index order: a gathering pass sees where the
+cut falls among them; after counting alone, one more pass counts them per block. Every route
+finds the same cut. Statistics are per *stream* (one per model for TIES, one for SCE's
+variance), and each stream may ask for several k at once (breadcrumbs' band is two selections
+on one histogram).
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ TIES = ("index", "all")
 class Cut:
     """One selection of the k largest of a stream's n entries, as the passes narrow it down:
     the threshold's bits known so far (`prefix`), how many entries lie above them (`above`),
-    and the rank (1-based) of the k-th largest among the entries sharing them (`rank`). Once
-    found, `equal` entries equal the threshold, `rank` of which are kept; with the index rule
+    and the rank (1-based) of the k-th largest among the `within` entries sharing them (`rank`).
+    Once `found`, `equal` entries equal the threshold, `rank` of which are kept; with the index rule
     and `rank < equal`, those in blocks before `tie_block` are kept, the first `tie_keep` in
     `tie_block`, none after."""
 
@@ -43,10 +47,12 @@ class Cut:
     prefix: int = 0
     above: int = 0
     rank: int = 0
+    within: int = 0  # entries sharing `prefix`
     equal: int = 0
     threshold: float = 0.0
     tie_block: int = -1
     tie_keep: int = 0
+    found: bool = False
 
     @property
     def keep_all(self) -> bool:
@@ -67,40 +73,53 @@ class Cut:
 
 @dataclass(frozen=True)
 class Selection:
-    """A selection pipeline: `values(job, chunk)` gives each stream's statistic on a chunk (flat,
-    non-negative, compute dtype); `counts(job, n, nonzero)` gives each stream's tuple of k from
-    its total entries and non-zero entries (over the population, for the model scope)."""
+    """A selection pipeline: `values(job, chunk)` gives each of the `streams(job)` statistics on
+    a chunk (flat, non-negative, compute dtype); `counts(job, n, nonzero)` gives each stream's
+    tuple of k from its total entries and non-zero entries (over the population, for the model
+    scope)."""
 
     name: str
     values: Callable[[Job, Chunk], list[Array]]
     counts: Callable[[Job, list[int], list[int]], list[tuple[int, ...]]]
     ties: str = "index"
     population: Callable[[Job], Hashable | None] = field(default=lambda job: None)
+    streams: Callable[[Job], int] = field(default=lambda job: job.n_models)
 
     def __post_init__(self) -> None:
         if self.ties not in TIES:
             raise ValueError(f"ties must be one of {TIES}, got {self.ties!r}")
 
     def passes(self, job: Job) -> Iterator[Pass]:
-        """The histogram passes (and the tie pass where needed); `cuts(job)` holds the result."""
+        """The passes that find the cuts (`cuts(job)` holds the result)."""
         population = self.population(job)
         if population is not None and self.ties != "all":
             raise ValueError("a selection over the whole model keeps all ties (ties='all')")
         bits = 64 if job.compute == "float64" else 32
+        if population is None and job.holds(self.streams(job) * job.numel * bits // 8):
+            gather = _Gather(self, None)
+            yield Pass(f"{self.name}.gather", gather.measure, gather.finish, _concat)
+            return
+        per_entry = bits // 8 + (8 if self.ties == "index" else 0)  # the value, its position
         for level in range(bits // WIDTH):
             shift = bits - WIDTH * (level + 1)
-            yield Pass(
-                f"{self.name}.{level}",
-                _Level(self, level, shift).measure,
-                _Level(self, level, shift).finish,
-                population=population,
-            )
+            if level:
+                active = [c for cuts in self.cuts(job) for c in cuts if c.active]
+                if not active:
+                    return
+                if job.holds(per_entry * sum(c.within for c in active)):
+                    gather = _Gather(self, shift + WIDTH)
+                    name = f"{self.name}.gather"
+                    yield Pass(name, gather.measure, gather.finish, _concat, population)
+                    return
+            count = _Level(self, level, shift)
+            yield Pass(f"{self.name}.{level}", count.measure, count.finish, population=population)
         if self.ties == "index" and any(c.partial_ties for s in self.cuts(job) for c in s):
             yield Pass(f"{self.name}.ties", self._count_ties, self._place_ties, _concat)
 
     def cuts(self, job: Job) -> list[list[Cut]]:
         """Per stream, per k: the cuts as the latest of the passes left them."""
-        for key in (f"{self.name}.ties", *(f"{self.name}.{level}" for level in (3, 2, 1, 0))):
+        keys = ("ties", "gather", "3", "2", "1", "0")
+        for key in (f"{self.name}.{key}" for key in keys):
             if key in job.stats:
                 return job.stats[key]
         raise KeyError(f"{self.name}: no pass has run yet")
@@ -189,12 +208,11 @@ class _Level:
         for s, value in enumerate(values):
             on = backend.of(value)
             bits = on.float_bits(value)
-            digit = bits >> self.shift
+            digit = on.digits(bits, self.shift)
             if self.level == 0:
                 nonzero = int(xp.count_nonzero(value))
                 out.append((on.bincount(digit, BINS), value.shape[0], nonzero))
                 continue
-            digit = digit & (BINS - 1)
             hists = []
             for cut in self.selection.cuts(job)[s]:
                 if not cut.active:
@@ -210,7 +228,7 @@ class _Level:
             sizes = [int(n) for _, n, _ in total]
             nonzero = [int(z) for _, _, z in total]
             ks = self.selection.counts(job, sizes, nonzero)
-            cuts = [[Cut(k, n, rank=k) for k in stream_ks] for stream_ks, n in zip(ks, sizes)]
+            cuts = [_cuts(stream_ks, n) for stream_ks, n in zip(ks, sizes)]
             hists = [[h for _ in stream] for (h, _, _), stream in zip(total, cuts)]
         else:
             cuts = self.selection.cuts(job)
@@ -232,7 +250,115 @@ def _narrow(cut: Cut, hist: np.ndarray, last: bool, compute: str) -> None:
     cut.prefix = (cut.prefix << WIDTH) | b
     cut.above += higher
     cut.rank -= higher
+    cut.within = int(hist[b])
     if last:
-        cut.equal = int(hist[b])
-        bits = np.array([cut.prefix], np.int64 if compute == "float64" else np.int32)
-        cut.threshold = float(bits.view(np.float64 if compute == "float64" else np.float32)[0])
+        _found(cut, cut.within, compute)
+
+
+def _cuts(ks: tuple[int, ...], n: int) -> list[Cut]:
+    """A stream's cuts before any pass narrowed them: the k-th largest of all n entries."""
+    return [Cut(k, n, rank=k, within=n) for k in ks]
+
+
+def _found(cut: Cut, equal: int, compute: str) -> None:
+    """`cut.prefix` is now the threshold's whole bit pattern, held by `equal` entries."""
+    cut.equal, cut.found = equal, True
+    bits = np.array([cut.prefix], np.int64 if compute == "float64" else np.int32)
+    cut.threshold = float(bits.view(np.float64 if compute == "float64" else np.float32)[0])
+
+
+@dataclass(frozen=True)
+class _Gather:
+    """The pass that finishes a selection from the entries it may hold: every entry of each
+    stream (`shift` None, one tensor's selection), or those sharing each cut's prefix (the bits
+    above `shift`) with their flat positions (for the index rule). It finds each cut's
+    threshold with the backend's k-th value, and where the index rule cuts through the tied
+    entries, the block where the cut falls."""
+
+    selection: Selection
+    shift: int | None
+
+    def measure(self, job: Job, chunk: Chunk) -> list:
+        xp = chunk.xp
+        out = []
+        for s, value in enumerate(self.selection.values(job, chunk)):
+            on = backend.of(value)
+            bits = on.float_bits(value)
+            if self.shift is None:
+                out.append((bits, int(xp.count_nonzero(value))))
+                continue
+            gathered = []
+            for cut in self.selection.cuts(job)[s]:
+                if not cut.active:
+                    gathered.append(None)
+                    continue
+                inside, index = on.compress(bits, (bits >> self.shift) == cut.prefix)
+                where = index + chunk.start if self.selection.ties == "index" else None
+                gathered.append((inside, where))
+            out.append(gathered)
+        return [(chunk.start, out)]
+
+    def finish(self, job: Job, measured: list) -> list[list[Cut]]:
+        measured = sorted(measured, key=lambda m: m[0])  # chunk order (a model's: tensor order)
+        streams = list(zip(*(out for _, out in measured)))
+        if self.shift is not None:
+            cuts = self.selection.cuts(job)
+            for stream_cuts, pieces in zip(cuts, streams):
+                for c, cut in enumerate(stream_cuts):
+                    if cut.active:
+                        self._resolve(job, cut, [(p[c][1], p[c][0]) for p in pieces])
+            return cuts
+        sizes = [sum(int(bits.shape[0]) for bits, _ in pieces) for pieces in streams]
+        nonzero = [sum(z for _, z in pieces) for pieces in streams]
+        ks = self.selection.counts(job, sizes, nonzero)
+        cuts = [_cuts(stream_ks, n) for stream_ks, n in zip(ks, sizes)]
+        starts = [start for start, _ in measured]
+        for stream_cuts, pieces in zip(cuts, streams):
+            if any(cut.active for cut in stream_cuts):
+                self._resolve(job, stream_cuts, list(zip(starts, (b for b, _ in pieces))))
+        return cuts
+
+    def _resolve(self, job: Job, cuts: Cut | list[Cut], pieces: list) -> None:
+        """Find the active `cuts` among the entries that share their prefix, given as pieces
+        (positions, bits) in flat order: positions an array, or the first one's (an int)."""
+        arrays = [bits for _, bits in pieces]
+        xp = backend.namespace(arrays[0])
+        on = backend.of(arrays[0])
+        scratch = xp.concat(arrays) if len(arrays) > 1 else xp.asarray(arrays[0], copy=True)
+        for cut in cuts if isinstance(cuts, list) else [cuts]:
+            if not cut.active:
+                continue
+            t = int(on.kth_largest(scratch, cut.rank))  # reorders scratch: counts still hold
+            higher = int(xp.count_nonzero(scratch > t))
+            equal = int(xp.count_nonzero(scratch == t))
+            cut.prefix, cut.above, cut.rank = t, cut.above + higher, cut.rank - higher
+            cut.within = equal
+            _found(cut, equal, job.compute)
+            if self.selection.ties == "index" and cut.partial_ties:
+                _place(job, cut, _tied_positions(pieces, t, cut.rank))
+
+
+def _tied_positions(pieces: list, t: int, rank: int) -> np.ndarray:
+    """Sorted flat positions of (at least the first `rank`) entries equal to `t` among the
+    pieces (positions, bits), which come in flat order."""
+    found, seen = [], 0
+    for where, bits in pieces:
+        equal = backend.to_host(bits == t)  # positions have data-dependent shapes: on the host
+        if isinstance(where, int):
+            positions = np.flatnonzero(equal) + where
+        else:
+            positions = backend.to_host(where)[equal]
+        found.append(positions)
+        seen += positions.shape[0]
+        if seen >= rank:
+            break
+    return np.sort(np.concatenate(found))
+
+
+def _place(job: Job, cut: Cut, positions: np.ndarray) -> None:
+    """With the sorted positions of the tied entries: the block holding the rank-th of them, and
+    how many of its own it keeps."""
+    last = int(positions[cut.rank - 1])
+    cut.tie_block = last // job.block
+    before = int(np.searchsorted(positions, cut.tie_block * job.block))
+    cut.tie_keep = cut.rank - before

@@ -205,7 +205,15 @@ def _della_granule(job: Job) -> int:
 
 def _della_probability(job: Job, chunk: Chunk, i: int, delta: Array) -> float | Array:
     """(density - eps) + 2 eps rank / (n - 1), rank the ascending |delta| rank along axis 1
-    (lower index first among equals); density itself for rows of one entry."""
+    (lower index first among equals); density itself for rows of one entry. Ranked once per
+    chunk (the drop and the inverse_density rescale share it)."""
+    key = ("della.probability", i)
+    if key not in chunk.memo:
+        chunk.memo[key] = _rank_probability(job, chunk, i, delta)
+    return chunk.memo[key]
+
+
+def _rank_probability(job: Job, chunk: Chunk, i: int, delta: Array) -> float | Array:
     xp = chunk.xp
     density, epsilon = job.params["density"][i], job.params["epsilon"][i]
     if len(job.shape) >= 2:
@@ -215,8 +223,7 @@ def _della_probability(job: Job, chunk: Chunk, i: int, delta: Array) -> float | 
     n = lines[1]
     if n == 1:
         return density
-    a = xp.abs(xp.reshape(delta, lines))
-    rank = xp.argsort(xp.argsort(a, axis=1, stable=True), axis=1, stable=True)
+    rank = backend.of(delta).ranks(xp.abs(xp.reshape(delta, lines)), axis=1)
     rank = xp.astype(rank, delta.dtype) / (n - 1)
     prob = xp.clip((density - epsilon) + (rank * 2.0) * epsilon, 0.0, 1.0)
     return xp.reshape(prob, (-1,))

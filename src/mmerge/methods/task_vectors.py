@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ def _rescaled(sparsifier: Sparsifier, job: Job, chunk: Chunk, i: int, kept: Arra
     xp = chunk.xp
     rescale = job.params["rescale"]
     if rescale == "l1":
-        factor = job.stats["l1"][i]
+        factor = job.stats["l1"].factors[i]
         if factor is None:
             return kept
         if math.isfinite(factor):
@@ -47,36 +48,69 @@ def _rescaled(sparsifier: Sparsifier, job: Job, chunk: Chunk, i: int, kept: Arra
     return kept
 
 
+def _keep(sparsifier: Sparsifier, job: Job, chunk: Chunk, i: int) -> Array:
+    """Model i's keep mask on the chunk: the one the l1 pass held for the apply (taken, so it
+    is held no longer), or found now."""
+    held = job.stats.get("l1")
+    mask = held.masks.pop((chunk.start, i), None) if held is not None else None
+    if mask is not None and mask.shape[0] == chunk.size:
+        return mask
+    return sparsifier.keep(job, chunk, i, chunk.deltas[i])
+
+
 def _survivors(sparsifier: Sparsifier, job: Job, chunk: Chunk, i: int) -> Array:
     """Model i's task vector on the chunk with dropped entries zeroed (before any rescale)."""
-    delta = chunk.deltas[i]
-    mask = sparsifier.keep(job, chunk, i, delta)
-    # a product with the 0/1 mask, not where(): the same values for finite inputs (a dropped
-    # entry may be -0), and many times faster where the mask is irregular
-    return delta * chunk.xp.astype(mask, delta.dtype)
+    return _zeroed(chunk.xp, chunk.deltas[i], _keep(sparsifier, job, chunk, i))
+
+
+def _zeroed(xp, delta: Array, mask: Array) -> Array:
+    """`delta` with the entries outside `mask` zeroed: a product with the 0/1 mask, not where():
+    the same values for finite inputs (a dropped entry may be -0), and many times faster where
+    the mask is irregular."""
+    return delta * xp.astype(mask, delta.dtype)
+
+
+@dataclass
+class L1:
+    """What the l1 pass found: each model's rescale factor (None: none), and the keep masks
+    of one tensor's chunks, (chunk start, model) -> mask, held for its apply where the job
+    may hold them (finding them may cost more than the rest of the apply: DELLA ranks rows)."""
+
+    factors: list[float | None]
+    masks: dict[tuple[int, int], Array]
 
 
 def _l1_pass(sparsifier: Sparsifier, job: Job) -> Pass:
     """sum|delta_i| and sum|survivors_i| of each dropping model (fixed-order block sums)."""
+    scope = job.params.get("scope") == "model"
+    hold = not scope and job.holds(len(dropping(job)) * job.numel)  # a byte per mask entry
 
-    def measure(job: Job, chunk: Chunk) -> Blocks:
-        xp, columns = chunk.xp, []
+    def measure(job: Job, chunk: Chunk) -> tuple[Blocks, dict]:
+        xp, columns, masks = chunk.xp, [], {}
         for i in dropping(job):
-            columns.append(halving_sums(xp, xp.abs(chunk.deltas[i]), job.block).rows)
-            kept = _survivors(sparsifier, job, chunk, i)
-            columns.append(halving_sums(xp, xp.abs(kept), job.block).rows)
-        return Blocks(np.concatenate(columns, axis=1))
+            delta = chunk.deltas[i]
+            columns.append(halving_sums(xp, xp.abs(delta), job.block).rows)
+            mask = sparsifier.keep(job, chunk, i, delta)
+            columns.append(halving_sums(xp, xp.abs(_zeroed(xp, delta, mask)), job.block).rows)
+            if hold:
+                masks[(chunk.start, i)] = mask
+        return Blocks(np.concatenate(columns, axis=1)), masks
 
-    def finish(job: Job, blocks: Blocks) -> list[float | None]:
+    def finish(job: Job, measured: tuple[Blocks, dict]) -> L1:
+        blocks, masks = measured
         totals = blocks.total()
         factors: list[float | None] = [None] * job.n_models
         for j, i in enumerate(dropping(job)):
             before, after = float(totals[2 * j]), float(totals[2 * j + 1])
             factors[i] = None if before < L1_EPS or after < L1_EPS else before / after
-        return factors
+        return L1(factors, masks)
 
-    scope = job.params.get("scope") == "model"
-    return Pass("l1", measure, finish, population=("l1", *population_key(job)) if scope else None)
+    def combine(a: tuple[Blocks, dict], b: tuple[Blocks, dict]) -> tuple[Blocks, dict]:
+        a[1].update(b[1])
+        return a[0] + b[0], a[1]
+
+    population = ("l1", *population_key(job)) if scope else None
+    return Pass("l1", measure, finish, combine, population)
 
 
 def task_vector_method(

@@ -35,6 +35,7 @@ def cluster(tmp_path_factory):
     marker = tmp_path_factory.mktemp("ray") / "slow"
     env = {"PYTHONPATH": str(HERE), "MMERGE_TEST_SLOW_MARKER": str(marker)}
     ray.init(
+        address="local",  # a new cluster, whatever else runs on this machine
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

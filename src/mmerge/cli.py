@@ -157,7 +157,8 @@ executor_options = (
         "--ray-address",
         default=None,
         metavar="auto|HOST:PORT",
-        help="The Ray cluster to run on (default: start one on this machine).",
+        help="The Ray cluster to run on (default: $RAY_ADDRESS, one running on this "
+        "machine, or a new one here).",
     ),
 )
 

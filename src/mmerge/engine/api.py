@@ -76,7 +76,7 @@ def merge(
     `model_params` gives per-model ones (e.g. `[{"weight": 0.3}, {"weight": 0.7}]`).
     An existing non-empty `output` is refused unless `overwrite`; then it is replaced once the
     new output is complete. `executor="ray"` computes each output shard as a Ray task on the
-    cluster at `ray_address` ("auto", "HOST:PORT"; None starts one here), same bits.
+    cluster at `ray_address` ("auto", "HOST:PORT"; None: Ray's default), same bits.
     """
     from mmerge.io import open_checkpoint
 

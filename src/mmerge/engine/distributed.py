@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import logging
 import os
 import threading
 import uuid
@@ -180,7 +181,7 @@ class _Driver:
     def __init__(self, plan: Plan, writer, run: Execution) -> None:
         self.ray = import_ray()
         if not self.ray.is_initialized():
-            self.ray.init(address=run.address, log_to_driver=False)
+            self.ray.init(address=run.address, log_to_driver=False, logging_level=logging.WARNING)
         self.items, self.writer, self.run = plan.items, writer, run
         self.layout = writer.shards()
         where = {s.spec.name: k for k, (_, _, slots) in enumerate(self.layout) for s in slots}

@@ -33,7 +33,7 @@ class Execution:
     """How to compute: backend and device, compute dtype, threads, progress callback, the
     entries per chunk (None: what the backend suits), and the executor that runs the plan
     (`local`: this process; `ray`: one task per output shard on the Ray cluster at `address`,
-    None starting one here)."""
+    None for Ray's default: $RAY_ADDRESS, a cluster started on this machine, or a new one)."""
 
     backend: str = "numpy"
     device: str | None = None

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mmerge.engine.api import merge, run_recipe
-from mmerge.errors import InvalidInput
+from mmerge.errors import InvalidInput, MmergeError
 from mmerge.lora.applying import apply
 from mmerge.testing import random_adapter, write_model_family
 
@@ -188,6 +188,21 @@ def test_driver_killed_then_resume(cluster, family, tmp_path):
     assert {n: after[n] for n in kept} == {n: inodes[n] for n in kept}  # verified: kept
     assert after[damaged] != inodes[damaged]  # failed verification: written again
     assert not list(out.glob(".*.tmp"))
+
+
+def test_an_error_in_a_task_is_the_local_runs_error(cluster, family, tmp_path):
+    kwargs = dict(method="linear", normalize=False, model_params=[{"weight": 1e6}] * 2)
+    kwargs.update(out_dtype="float16", shard_size=SHARD)
+    models = [family["ft1"], family["ft2"]]
+    with pytest.raises(MmergeError) as local:
+        merge(models, tmp_path / "local", **kwargs)
+    with pytest.raises(MmergeError) as remote:
+        merge(models, tmp_path / "ray", executor="ray", **kwargs)
+    assert type(remote.value) is type(local.value)  # the first failing tensor may differ
+    assert "does not fit F16" in str(local.value) and "does not fit F16" in str(remote.value)
+    assert "\n" not in str(remote.value)
+    assert not (tmp_path / "ray").exists()
+    assert not list(tmp_path.glob("ray.mmerge-partial/.*.tmp"))
 
 
 def test_without_ray_one_clear_error(family, tmp_path, monkeypatch):

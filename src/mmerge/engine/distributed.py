@@ -29,7 +29,7 @@ import numpy as np
 from mmerge.engine.allocator import keep_chunk_memory
 from mmerge.engine.execute import Execution, Runner, items_peak, job_for
 from mmerge.engine.plan import Plan, PlanItem
-from mmerge.errors import InvalidInput
+from mmerge.errors import InvalidInput, MmergeError
 from mmerge.io.layout import Slot
 from mmerge.io.output_path import fsync_dir
 from mmerge.io.writer import CHUNK_BYTES, pwrite_all, write_slot
@@ -194,6 +194,15 @@ class _Driver:
         self.jobs = [None if i.is_copy else job_for(i, run.compute_dtype) for i in self.items]
         self.skips = [0] * len(self.items)
 
+    def result(self, ref) -> Any:
+        """A task's return value; an mmerge error raised in the task as itself (one line)."""
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, MmergeError):
+                raise err.cause from None
+            raise
+
     def options(self, items: Sequence[PlanItem]) -> dict:
         """Resource hints of a task over `items`: one CPU and its working memory."""
         peak = items_peak(items, _local(self.run)) + CHUNK_BYTES
@@ -232,7 +241,7 @@ class _Driver:
                     futures.append((ask, measure.options(**self.options(items)).remote(*args)))
             parts: dict[int, Any] = {}
             for ask, future in futures:  # shards in plan order
-                parts.update(zip(ask, ray.get(future)))
+                parts.update(zip(ask, self.result(future)))
             for members in groups.values():
                 p, total = pending[members[0]], None
                 for i in members:
@@ -286,7 +295,7 @@ class _Driver:
             while futures:
                 ready, _ = ray.wait(list(futures), num_returns=1)
                 task = futures.pop(ready[0])
-                result: ShardResult = ray.get(ready[0])
+                result: ShardResult = self.result(ready[0])
                 self.writer.finish_shard(result.index, result.sha256)
                 done += task.size - len(task.header)
                 if progress is not None:

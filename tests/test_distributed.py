@@ -213,6 +213,19 @@ def test_without_ray_one_clear_error(family, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(executor="dask"), "executor must be one of local, ray, got 'dask'"),
+        (dict(ray_address="auto"), "a Ray address needs the ray executor"),
+    ],
+)
+def test_executor_options_refused(family, tmp_path, options, message):
+    with pytest.raises(InvalidInput, match=message):
+        merge([family["ft1"], family["ft2"]], tmp_path / "out", **options)
+    assert not list(tmp_path.iterdir())
+
+
 def test_importing_mmerge_does_not_import_ray():
     code = "import sys, mmerge, mmerge.cli, mmerge.engine.api; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

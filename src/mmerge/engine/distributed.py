@@ -108,12 +108,16 @@ class _ShardSink:
         self.fd = fd
         self.slots = {s.spec.name: s for s in slots}
         self.written = dict.fromkeys(self.slots, 0)
-        self.scratch = {}  # per-thread conversion buffers
+        self.lock = threading.Lock()
+        self.local = threading.local()  # per-thread conversion buffer
 
     def write(self, name: str, array: np.ndarray, start: int = 0) -> None:
-        key = threading.get_ident()
-        scratch = self.scratch.setdefault(key, np.empty(CHUNK_BYTES, np.uint8))
-        self.written[name] += write_slot(self.fd, self.slots[name], array, start, scratch)
+        scratch = getattr(self.local, "buffer", None)
+        if scratch is None:
+            scratch = self.local.buffer = np.empty(CHUNK_BYTES, np.uint8)
+        n = write_slot(self.fd, self.slots[name], array, start, scratch)
+        with self.lock:
+            self.written[name] += n
 
     def finish_tensor(self, name: str) -> None:
         if self.written[name] < self.slots[name].spec.numel:

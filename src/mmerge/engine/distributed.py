@@ -244,8 +244,13 @@ class _Driver:
                     args = (items, stats, skips, _local(self.run))
                     futures.append((ask, measure.options(**self.options(items)).remote(*args)))
             parts: dict[int, Any] = {}
-            for ask, future in futures:  # shards in plan order
-                parts.update(zip(ask, self.result(future)))
+            try:
+                for ask, future in futures:  # shards in plan order
+                    parts.update(zip(ask, self.result(future)))
+            except BaseException:
+                for _, future in futures:
+                    ray.cancel(future, force=True)
+                raise
             for members in groups.values():
                 p, total = pending[members[0]], None
                 for i in members:

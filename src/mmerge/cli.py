@@ -144,6 +144,35 @@ device_options = (
     click.option("--device", default=None, help="cpu or cuda (default: the backend's own)."),
 )
 
+executor_options = (
+    click.option(
+        "--executor",
+        default="local",
+        show_default=True,
+        type=click.Choice(["local", "ray"]),
+        help="Who computes: this process, or one Ray task per output shard (mmerge[ray]; "
+        "inputs and output on storage every node can read).",
+    ),
+    click.option(
+        "--ray-address",
+        default=None,
+        metavar="auto|HOST:PORT",
+        help="The Ray cluster to run on (default: $RAY_ADDRESS, one running on this "
+        "machine, or a new one here).",
+    ),
+)
+
+
+def with_options(options):
+    """A decorator adding `options` (click options, first listed first in --help)."""
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
 
 def execution_options(f):
     """Options shared by `stream` and `run`: where to compute and how to write."""
@@ -157,6 +186,7 @@ def execution_options(f):
             "folder with shards and index.",
         ),
         *device_options,
+        *executor_options,
         click.option(
             "--compute-dtype",
             default="float32",
@@ -322,6 +352,8 @@ def stream(
     output,
     backend,
     device,
+    executor,
+    ray_address,
     compute_dtype,
     shard_size,
     resume,
@@ -378,6 +410,8 @@ def stream(
         model_params=model_params,
         backend=backend,
         device=device,
+        executor=executor,
+        ray_address=ray_address,
         compute_dtype=compute_dtype,
         out_dtype=out_dtype,
         shard_size=size,
@@ -398,6 +432,8 @@ def run(
     output,
     backend,
     device,
+    executor,
+    ray_address,
     compute_dtype,
     shard_size,
     resume,
@@ -429,6 +465,8 @@ def run(
     kwargs = dict(
         backend=backend,
         device=device,
+        executor=executor,
+        ray_address=ray_address,
         compute_dtype=compute_dtype,
         shard_size=size,
         resume=resume,

@@ -43,6 +43,10 @@ class Backend:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.device!r})"
 
+    def __reduce__(self):
+        """Pickled as library name and device: the process it is loaded in uses its own."""
+        return (_shared, (self.name, self.device))
+
     # -- availability ---------------------------------------------------------------------------
 
     @classmethod
@@ -173,3 +177,10 @@ def check_host(host: Any) -> np.ndarray:
     if not isinstance(host, np.ndarray):
         raise InvalidInput(f"expected a numpy array, got {type(host).__name__}")
     return host
+
+
+def _shared(name: str, device: str) -> Backend:
+    """The backend object of `name` on `device` in this process (for unpickling)."""
+    from mmerge.backend import get
+
+    return get(name, device)

@@ -66,6 +66,8 @@ def merge(
     overwrite: bool = False,
     dry_run: bool = False,
     on_progress=None,
+    executor: str = "local",
+    ray_address: str | None = None,
     **params: Any,
 ) -> MergeResult:
     """Merge checkpoints (files or HF folders) into `output`, streaming tensor by tensor.
@@ -73,13 +75,14 @@ def merge(
     `params` are the method's global parameters (scalars, gradients or filter lists);
     `model_params` gives per-model ones (e.g. `[{"weight": 0.3}, {"weight": 0.7}]`).
     An existing non-empty `output` is refused unless `overwrite`; then it is replaced once the
-    new output is complete.
+    new output is complete. `executor="ray"` computes each output shard as a Ray task on the
+    cluster at `ray_address` ("auto", "HOST:PORT"; None: Ray's default), same bits.
     """
     from mmerge.io import open_checkpoint
 
     if not inputs:
         raise InvalidInput("no input checkpoints given")
-    run = _execution(backend, device, compute_dtype, on_progress)
+    run = _execution(backend, device, compute_dtype, on_progress, executor, ray_address)
     with contextlib.ExitStack() as opened:  # every checkpoint opened here is closed on return
         models = [opened.enter_context(open_checkpoint(p)) for p in inputs]
         base_ckpt = opened.enter_context(open_checkpoint(base)) if base is not None else None
@@ -116,15 +119,43 @@ def merge(
         )
 
 
-def _execution(backend: str, device: str | None, compute_dtype: str, on_progress) -> Execution:
+def _execution(
+    backend: str,
+    device: str | None,
+    compute_dtype: str,
+    on_progress,
+    executor: str = "local",
+    ray_address: str | None = None,
+) -> Execution:
     from mmerge.backend import resolve
 
     if compute_dtype not in ("float32", "float64"):
         raise InvalidInput(f"compute dtype must be float32 or float64, got {compute_dtype!r}")
+    check_executor(executor, ray_address)
     backend, device = resolve(backend, device)
     return Execution(
-        backend=backend, device=device, compute_dtype=compute_dtype, on_progress=on_progress
+        backend=backend,
+        device=device,
+        compute_dtype=compute_dtype,
+        on_progress=on_progress,
+        executor=executor,
+        address=ray_address,
     )
+
+
+EXECUTORS = ("local", "ray")
+
+
+def check_executor(executor: str, ray_address: str | None) -> None:
+    """Refuse an unknown executor, an address without Ray, and Ray when it is not installed."""
+    if executor not in EXECUTORS:
+        raise InvalidInput(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if executor != "ray" and ray_address is not None:
+        raise InvalidInput("a Ray address needs the ray executor (--executor ray)")
+    if executor == "ray":
+        from mmerge.engine.distributed import import_ray
+
+        import_ray()
 
 
 def execute_plan(
@@ -145,6 +176,11 @@ def execute_plan(
 
     peak = estimate_peak(plan, run)
     check_replaceable(Path(output), overwrite)
+    if run.executor == "ray" and plan.requantization is not None:
+        raise InvalidInput(
+            "the ray executor does not write fp8 output (a weight and its scales may fall in "
+            "different shards); use the local executor"
+        )
     if dry_run:
         return MergeResult(None, plan, peak, plan.warnings)
     options = OutputOptions(
@@ -287,13 +323,15 @@ def run_recipe(
     overwrite: bool = False,
     dry_run: bool = False,
     on_progress=None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> MergeResult:
     """Run a mergekit-style recipe (a YAML path or the same structure as a dict); options as
     in `merge`."""
     from mmerge.engine.recipe import load_recipe, plan_recipe
 
     data, root = load_recipe(recipe)
-    run = _execution(backend, device, compute_dtype, on_progress)
+    run = _execution(backend, device, compute_dtype, on_progress, executor, ray_address)
     with contextlib.ExitStack() as opened:  # every checkpoint opened here is closed on return
         plan, checkpoints, copy_from = plan_recipe(
             data, root, opened, allow_mismatch=allow_mismatch

@@ -12,8 +12,9 @@ soon as a chunk has been read.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -31,8 +32,10 @@ TEMPORARIES = 6  # chunk-sized arrays a method holds besides its inputs (a gener
 @dataclass(frozen=True)
 class Execution:
     """How to compute: backend and device, compute dtype, threads, progress callback, the
-    entries per chunk (None: what the backend suits), and the bytes a tensor's merge may keep
-    between its passes."""
+    entries per chunk (None: what the backend suits), the bytes a tensor's merge may keep
+    between its passes, and the executor that runs the plan (`local`: this process; `ray`: one
+    task per output shard on the Ray cluster at `address`, None for Ray's default:
+    $RAY_ADDRESS, a cluster started on this machine, or a new one)."""
 
     backend: str = "numpy"
     device: str | None = None
@@ -41,6 +44,8 @@ class Execution:
     on_progress: Callable[[int, int], None] | None = None  # (bytes written, bytes to write)
     chunk_elements: int | None = None
     hold: int = HOLD
+    executor: str = "local"
+    address: str | None = None
 
 
 def job_for(item: PlanItem, compute: str, hold: int = HOLD) -> Job:
@@ -81,10 +86,10 @@ class _Budget:
 
 
 class Runner:
-    """One execution of a plan into a writer."""
+    """One execution of plan items into a writer."""
 
-    def __init__(self, plan: Plan, writer, run: Execution) -> None:
-        self.plan, self.writer, self.run = plan, writer, run
+    def __init__(self, items: Sequence[PlanItem], writer, run: Execution) -> None:
+        self.items, self.writer, self.run = list(items), writer, run
         self.backend = backends.get(run.backend, run.device)
         self.target = run.chunk_elements or self.backend.chunk_elements
         self.budget = _Budget(MEMORY_BUDGET)
@@ -192,14 +197,32 @@ class Runner:
                 for f in done:
                     f.result()
 
-    def execute(self) -> None:
+    @contextlib.contextmanager
+    def working(self) -> Iterator[None]:
+        """The thread pool chunk tasks run on, open for the block (tasks cancelled on error)."""
+        workers = max(1, self.run.workers)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmerge") as pool:
+            self.pool = pool
+            try:
+                yield
+                for f in self.in_flight:
+                    f.result()
+            except BaseException:
+                for f in self.in_flight:
+                    f.cancel()
+                raise
+
+    def execute(self, jobs: Sequence[Job | None] | None = None) -> None:
+        """Run every pass and apply of the pending items; `jobs` (one per item, None for a copy)
+        when some of their passes were already measured elsewhere."""
         pending = set(self.writer.pending())
-        items = self.plan.items
+        items = self.items
         self.total = sum(i.numel * DTYPES[i.out_dtype].itemsize for i in items if i.name in pending)
         if self.run.on_progress is not None:
             self.run.on_progress(0, self.total)
-        run = self.run
-        jobs = [None if i.is_copy else job_for(i, run.compute_dtype, run.hold) for i in items]
+        if jobs is None:
+            run = self.run
+            jobs = [None if i.is_copy else job_for(i, run.compute_dtype, run.hold) for i in items]
 
         def measure(i: int, p: Pass):
             return self.measure(items[i], jobs[i], p)
@@ -207,23 +230,14 @@ class Runner:
         def ready(i: int) -> None:
             self.apply(items[i], jobs[i])
 
-        workers = max(1, self.run.workers)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmerge") as pool:
-            self.pool = pool
-            try:
-                run_passes(
-                    jobs,
-                    measure,
-                    ready,
-                    identity=lambda i: _identity(items[i]),
-                    wanted=lambda i: items[i].name in pending,
-                )
-                for f in self.in_flight:
-                    f.result()
-            except BaseException:
-                for f in self.in_flight:
-                    f.cancel()
-                raise
+        with self.working():
+            run_passes(
+                list(jobs),
+                measure,
+                ready,
+                identity=lambda i: _identity(items[i]),
+                wanted=lambda i: items[i].name in pending,
+            )
 
 
 def write_chunk(runner: Runner, item: PlanItem, job: Job | None, start: int, stop: int) -> None:
@@ -234,15 +248,20 @@ def write_chunk(runner: Runner, item: PlanItem, job: Job | None, start: int, sto
 def estimate_peak(plan: Plan, run: Execution = Execution()) -> int:
     """Working memory the executor may hold at once (chunk tasks in flight, and what a merge
     with passes keeps between them, twice while it is joined), for --dry-run."""
+    return items_peak(plan.items, run)
+
+
+def items_peak(items: Sequence[PlanItem], run: Execution) -> int:
+    """Working memory of executing `items` (chunk tasks in flight, and what a merge with passes
+    keeps between them, twice while it is joined): the whole plan's for --dry-run, one Ray
+    task's hint."""
     target = run.chunk_elements or backends.get(run.backend, run.device).chunk_elements
     width = 8 if run.compute_dtype == "float64" else 4
-    costs = [
-        min(item.numel, target) * width * (len(item.inputs()) + TEMPORARIES) for item in plan.items
-    ]
+    costs = [min(item.numel, target) * width * (len(item.inputs()) + TEMPORARIES) for item in items]
     tasks = min(MEMORY_BUDGET, (2 * run.workers + 1) * max(costs, default=0))
     held = [
         min(run.hold, item.numel * len(item.sources) * width)
-        for item in plan.items
+        for item in items
         if not item.is_copy and item.method.passes
     ]
     return tasks + 2 * max(held, default=0)
@@ -251,4 +270,4 @@ def estimate_peak(plan: Plan, run: Execution = Execution()) -> int:
 def execute(plan: Plan, writer, run: Execution = Execution()) -> None:
     """Compute every pending tensor of `plan` into `writer` (which knows what is done)."""
     keep_chunk_memory()
-    Runner(plan, writer, run).execute()
+    Runner(plan.items, writer, run).execute()

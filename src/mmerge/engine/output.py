@@ -93,7 +93,12 @@ def write_plan(plan: Plan, checkpoints: Sequence, options: OutputOptions, run: E
         if requant is not None:
             shapes = {item.name: item.shape for item in plan.items if item.name in requant.names}
             sink = BlockQuantizer(writer, shapes, requant.block, requant.ue8m0)
-        execute(plan, sink, run)
+        if run.executor == "ray":
+            from mmerge.engine.distributed import execute_shards
+
+            execute_shards(plan, writer, run)
+        else:
+            execute(plan, sink, run)
         for src in extra:
             edited = _edited_config(src, plan) if src.name == "config.json" else None
             if edited is None:

@@ -84,6 +84,20 @@ class AdaptedTensorRef:
         self._prepared: _Prepared | None = None
         self._column_norms: dict[int, Any] = {}
 
+    def __getstate__(self) -> dict:
+        """Picklable state: the lock and the caches of loaded factors stay behind."""
+        state = dict(self.__dict__)
+        for key in ("_lock", "_recent", "_prepared", "_column_norms"):
+            del state[key]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._recent = OrderedDict()
+        self._lock = threading.Lock()
+        self._prepared = None
+        self._column_norms = {}
+
     # -- what the engine reads ----------------------------------------------------------------
 
     @property

@@ -2,9 +2,10 @@
 
 Line 1 is a JSON object naming the layout (a digest of every shard's name and header), the boot
 in which the partial output was written, and the identity of every input file; each further
-line is one finished tensor name as a JSON string. Lines are appended with single `write` calls
-after the tensor's bytes are written, so a process killed at any point leaves a journal that
-never claims unwritten data.
+line is one finished tensor name as a JSON string, or a shard written whole by a distributed
+executor, `{"shard": file name, "sha256": digest}` (recorded before its tensors' names). Lines
+are appended with single `write` calls after the tensor's bytes are written, so a process
+killed at any point leaves a journal that never claims unwritten data.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class Journal:
             "inputs": inputs or [],
         }
         self._fd: int | None = None
+        self.digests: dict[str, str] = {}  # shard file name -> sha256, from `load`
 
     def load(self) -> list[str] | None:
         """Finished names from an existing journal of this same layout and boot; None when there
@@ -139,6 +141,9 @@ class Journal:
                 name = json.loads(line)
             except ValueError:
                 break
+            if _is_shard_record(name):
+                self.digests[name["shard"]] = name["sha256"]
+                continue
             if not isinstance(name, str):
                 break
             names.append(name)
@@ -149,10 +154,13 @@ class Journal:
         check)."""
         return sum(len(json.dumps(x).encode("utf-8")) + 1 for x in [self._head, *names])
 
-    def start(self, names: list[str]) -> None:
-        """Write a fresh journal holding `names` (the already finished tensors)."""
+    def start(self, names: list[str], digests: dict[str, str] | None = None) -> None:
+        """Write a fresh journal holding `names` (the already finished tensors) and the
+        `digests` of shards written whole."""
         self.close()
-        text = "".join(json.dumps(x) + "\n" for x in [self._head, *names]).encode("utf-8")
+        shards = [{"shard": k, "sha256": v} for k, v in (digests or {}).items()]
+        lines = [self._head, *shards, *names]
+        text = "".join(json.dumps(x) + "\n" for x in lines).encode("utf-8")
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             tmp.write_bytes(text)
@@ -169,6 +177,12 @@ class Journal:
             raise RuntimeError("journal is not open")
         os.write(self._fd, (json.dumps(name) + "\n").encode("utf-8"))
 
+    def record_shard(self, name: str, digest: str) -> None:
+        """Record shard file `name` as written whole, with its sha256 (one write of one line)."""
+        if self._fd is None:
+            raise RuntimeError("journal is not open")
+        os.write(self._fd, (json.dumps({"shard": name, "sha256": digest}) + "\n").encode("utf-8"))
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -177,3 +191,11 @@ class Journal:
     def remove(self) -> None:
         self.close()
         self.path.unlink(missing_ok=True)
+
+
+def _is_shard_record(value) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("shard"), str)
+        and isinstance(value.get("sha256"), str)
+    )

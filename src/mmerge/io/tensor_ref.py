@@ -26,6 +26,11 @@ class MappedFile:
             self.size = os.fstat(f.fileno()).st_size
             self._map: mmap.mmap | None = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
+    def __reduce__(self):
+        """Pickled as its absolute path, mapped again where it is loaded (a Ray worker reads the
+        same file on storage every node can see)."""
+        return (MappedFile, (Path(os.path.abspath(self.path)),))
+
     @property
     def buffer(self) -> mmap.mmap:
         if self._map is None:

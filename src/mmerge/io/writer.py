@@ -22,6 +22,7 @@ from mmerge.io.journal import Journal, input_identity
 from mmerge.io.layout import (
     DEFAULT_SHARD_SIZE,
     Shard,
+    Slot,
     TensorSpec,
     plan_layout,
     shard_name,
@@ -93,13 +94,16 @@ class StreamingWriter:
         finished = self._journal.load() if resume else None
         reuse = finished is not None and self._partial_matches()
         self._finished = set(finished) & set(self._slots) if reuse else set()
+        self._digests = dict(self._journal.digests) if reuse else {}
         try:
             self.output.parent.mkdir(parents=True, exist_ok=True)
             if reuse:
                 self._open_existing()
             else:
                 self._create()
-            self._journal.start([s.name for s in self.specs if s.name in self._finished])
+            self._journal.start(
+                [s.name for s in self.specs if s.name in self._finished], self._digests
+            )
         except OSError as exc:
             self._fail(reuse)
             raise _disk_error(exc, self.output, self._bytes_needed()) from None
@@ -175,7 +179,7 @@ class StreamingWriter:
             fd = os.open(self._shard_path(shard), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
             _preallocate(fd, shard.size)
-            _pwrite_all(fd, memoryview(shard.header), 0)
+            pwrite_all(fd, memoryview(shard.header), 0)
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -186,26 +190,13 @@ class StreamingWriter:
         `TensorRef.raw` returns) is written as raw bits; any other is cast by value.
         """
         slot = self._slot(name)
-        values = np.asarray(array).reshape(-1)
-        if values.dtype.kind not in "fiub" and values.dtype not in _VALUE_DTYPES:
-            raise InvalidInput(f"{name}: cannot write an array of dtype {values.dtype}")
-        n, numel = values.size, slot.spec.numel
-        if not isinstance(start, (int, np.integer)) or start < 0 or start + n > numel:
-            raise InvalidInput(
-                f"{name}: writing {n} elements at {start} runs outside its {numel} elements"
-            )
-        step = max(1, CHUNK_BYTES // slot.dtype.itemsize)
-        fd = self._fds[slot.shard]
         scratch = getattr(self._scratch, "buffer", None)
         if scratch is None:
             scratch = self._scratch.buffer = np.empty(CHUNK_BYTES, np.uint8)
-        for s in range(0, n, step):
-            data = to_storage(values[s : s + step], slot.dtype, scratch)
-            offset = slot.offset + (int(start) + s) * slot.dtype.itemsize
-            try:
-                _pwrite_all(fd, memoryview(data).cast("B"), offset)
-            except OSError as exc:
-                raise _disk_error(exc, self.output, self._bytes_needed()) from None
+        try:
+            n = write_slot(self._fds[slot.shard], slot, array, start, scratch)
+        except OSError as exc:
+            raise _disk_error(exc, self.output, self._bytes_needed()) from None
         with self._lock:
             self._written[name] += n
 
@@ -222,6 +213,34 @@ class StreamingWriter:
                 )
             self._journal.append(name)
             self._finished.add(name)
+
+    def shards(self) -> list[tuple[Path, Shard, list[Slot]]]:
+        """Every output file: its path in the partial output, its layout and its tensors' slots
+        (in spec order), for executors that write whole shards themselves."""
+        slots: list[list[Slot]] = [[] for _ in self._shards]
+        for spec in self.specs:
+            slot = self._slots[spec.name]
+            slots[slot.shard].append(slot)
+        return [(self._shard_path(s), s, slots[k]) for k, s in enumerate(self._shards)]
+
+    def shard_digest(self, k: int) -> str | None:
+        """The sha256 recorded for shard k by `finish_shard` in the resumed journal, if any."""
+        return self._digests.get(self._shards[k].name)
+
+    def finish_shard(self, k: int, digest: str) -> None:
+        """Record shard k as written whole by another process (renamed into the partial output
+        under its name): its digest, then each of its tensors, in the journal."""
+        self._check_open()
+        shard = self._shards[k]
+        with self._lock:
+            self._journal.record_shard(shard.name, digest)
+            self._digests[shard.name] = digest
+            for name, slot in self._slots.items():
+                if slot.shard == k:
+                    self._written[name] = slot.spec.numel
+        for name, slot in self._slots.items():
+            if slot.shard == k:
+                self.finish_tensor(name)
 
     def pending(self) -> list[str]:
         """Names not finished yet, in output order (all of them on a fresh start)."""
@@ -294,7 +313,7 @@ class StreamingWriter:
     def _write_index(self) -> None:
         fd = os.open(self.partial / INDEX_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _pwrite_all(fd, memoryview(self._index_bytes()), 0)
+            pwrite_all(fd, memoryview(self._index_bytes()), 0)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -381,7 +400,27 @@ def _preallocate(fd: int, size: int) -> None:
         os.ftruncate(fd, size)  # file systems without fallocate: a sparse file
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def write_slot(fd: int, slot: Slot, array: np.ndarray, start: int, scratch: np.ndarray) -> int:
+    """Write `array` (flattened, cast to the slot's dtype; raw bits when already in the storage
+    dtype) at element `start` of `slot` in file `fd`, via `scratch`; the count written."""
+    name = slot.spec.name
+    values = np.asarray(array).reshape(-1)
+    if values.dtype.kind not in "fiub" and values.dtype not in _VALUE_DTYPES:
+        raise InvalidInput(f"{name}: cannot write an array of dtype {values.dtype}")
+    n, numel = values.size, slot.spec.numel
+    if not isinstance(start, (int, np.integer)) or start < 0 or start + n > numel:
+        raise InvalidInput(
+            f"{name}: writing {n} elements at {start} runs outside its {numel} elements"
+        )
+    step = max(1, CHUNK_BYTES // slot.dtype.itemsize)
+    for s in range(0, n, step):
+        data = to_storage(values[s : s + step], slot.dtype, scratch)
+        offset = slot.offset + (int(start) + s) * slot.dtype.itemsize
+        pwrite_all(fd, memoryview(data).cast("B"), offset)
+    return n
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data:
         n = os.pwrite(fd, data, offset)
         data, offset = data[n:], offset + n

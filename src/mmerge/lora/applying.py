@@ -56,6 +56,8 @@ def apply(
     overwrite: bool = False,
     dry_run: bool = False,
     on_progress=None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> MergeResult:
     """Write `base` with `adapters` merged in: W + sum_i w_i s_i B_i A_i per row block in float32,
     rounded once to the output dtype (DoRA, embedding LoRA, lora_B biases and modules_to_save
@@ -64,7 +66,9 @@ def apply(
     the base: a folder with its config and tokenizer files, or one file for a name ending in
     .safetensors; an existing one is replaced only with `overwrite`."""
     from mmerge.backend import resolve
+    from mmerge.engine.api import check_executor
 
+    check_executor(executor, ray_address)
     if isinstance(adapters, (str, os.PathLike)):
         adapters = [adapters]
     backend, device = resolve(backend, device)
@@ -87,7 +91,13 @@ def apply(
             [adapted, *(a.checkpoint for a in adapted.adapters)],
             output,
             copy_files_from=folder if folder.is_dir() else None,
-            run=Execution(backend=backend, device=device, on_progress=on_progress),
+            run=Execution(
+                backend=backend,
+                device=device,
+                on_progress=on_progress,
+                executor=executor,
+                address=ray_address,
+            ),
             shard_size=shard_size,
             resume=resume,
             overwrite=overwrite,

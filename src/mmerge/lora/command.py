@@ -16,8 +16,10 @@ from mmerge.cli import (
     _Progress,
     debug_option,
     device_options,
+    executor_options,
     human,
     parse_size,
+    with_options,
 )
 
 
@@ -95,12 +97,15 @@ def lora() -> None:
     "--overwrite", is_flag=True, help="Replace an existing checkpoint at OUTPUT once done."
 )
 @common_options
+@with_options(executor_options)
 def apply_command(
     base,
     adapters,
     weights,
     shard_size,
     overwrite,
+    executor,
+    ray_address,
     output,
     backend,
     device,
@@ -131,6 +136,8 @@ def apply_command(
         shard_size=parse_size(shard_size) if shard_size else None,
         resume=resume,
         overwrite=overwrite,
+        executor=executor,
+        ray_address=ray_address,
     )
 
     started = time.perf_counter()

@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 
 from mmerge.engine.allocator import keep_chunk_memory
-from mmerge.engine.execute import Execution, Runner, items_peak, job_for
+from mmerge.engine.execute import Execution, Runner, items_peak, job_for, stored_identity
 from mmerge.engine.plan import Plan, PlanItem
 from mmerge.errors import InvalidInput, MmergeError
 from mmerge.io.layout import Slot
 from mmerge.io.output_path import fsync_dir
 from mmerge.io.writer import CHUNK_BYTES, pwrite_all, write_slot
-from mmerge.methods.contract import Job
+from mmerge.methods.contract import Job, run_model_passes
 
 MAX_RETRIES = 3  # attempts Ray makes again at a task lost with its worker
 TMP_SUFFIX = ".tmp"  # a shard being written: .<shard name>.<pid>-<random>.tmp beside it
@@ -198,7 +198,6 @@ class _Driver:
         self.jobs = [
             None if i.is_copy else job_for(i, run.compute_dtype, run.hold) for i in self.items
         ]
-        self.skips = [0] * len(self.items)
 
     def result(self, ref) -> Any:
         """A task's return value; an mmerge error raised in the task as itself (one line)."""
@@ -218,33 +217,17 @@ class _Driver:
         """The leading model-scope passes of every job, as map-reduce rounds (see run_passes:
         the same populations, tensors of equal identity once, combined in plan order)."""
         ray = self.ray
-        measure = ray.remote(measure_shard)
-        iterators = [None if j is None else j.passes() for j in self.jobs]
-        pending = [None if it is None else next(it, None) for it in iterators]
-        while True:
-            groups: dict[tuple, list[int]] = {}
-            for i, p in enumerate(pending):
-                if p is not None and p.population is not None:
-                    groups.setdefault((p.name, p.population), []).append(i)
-            if not groups:
-                return
-            wanted: set[int] = set()
-            for members in groups.values():
-                seen: set = set()
-                for i in members:
-                    identity = tuple(ref.identity for ref in self.items[i].inputs())
-                    if identity not in seen:
-                        seen.add(identity)
-                        wanted.add(i)
+        remote = ray.remote(measure_shard)
+
+        def measure(asked: dict[int, Any]) -> dict[int, Any]:
             futures = []
             for members in self.members:
-                ask = [i for i in members if i in wanted]
+                ask = [i for i in members if i in asked]
                 if ask:
                     items = [self.items[i] for i in ask]
                     stats = [self.jobs[i].stats for i in ask]
-                    skips = [self.skips[i] for i in ask]
-                    args = (items, stats, skips, _local(self.run))
-                    futures.append((ask, measure.options(**self.options(items)).remote(*args)))
+                    args = (items, stats, [self.done(i) for i in ask], _local(self.run))
+                    futures.append((ask, remote.options(**self.options(items)).remote(*args)))
             parts: dict[int, Any] = {}
             try:
                 for ask, future in futures:  # shards in plan order
@@ -253,16 +236,13 @@ class _Driver:
                 for _, future in futures:
                     ray.cancel(future, force=True)
                 raise
-            for members in groups.values():
-                p, total = pending[members[0]], None
-                for i in members:
-                    if i in parts:
-                        total = parts[i] if total is None else p.combine(total, parts[i])
-                value = p.finish(self.jobs[members[0]], total)
-                for i in members:
-                    self.jobs[i].stats[p.name] = value
-                    self.skips[i] += 1
-                    pending[i] = next(iterators[i], None)
+            return parts
+
+        run_model_passes(self.jobs, measure, lambda i: stored_identity(self.items[i]))
+
+    def done(self, i: int) -> int:
+        """How many passes of item i the driver has run (each stored one statistic)."""
+        return 0 if self.jobs[i] is None else len(self.jobs[i].stats)
 
     def done_already(self, k: int) -> bool:
         """True when shard k was written whole by an earlier run and its file still matches."""
@@ -285,7 +265,7 @@ class _Driver:
             slots=slots,
             items=[self.items[i] for i in ask],
             stats=[{} if self.jobs[i] is None else self.jobs[i].stats for i in ask],
-            skips=[self.skips[i] for i in ask],
+            skips=[self.done(i) for i in ask],
         )
 
     def execute(self) -> None:

@@ -62,7 +62,7 @@ def chunk_bounds(numel: int, block: int, target: int) -> list[tuple[int, int]]:
     return [(s, min(s + step, numel)) for s in range(0, numel, step)] or [(0, 0)]
 
 
-def _identity(item: PlanItem) -> tuple:
+def stored_identity(item: PlanItem) -> tuple:
     """Which stored values an item reads: items with equal identities are the same tensor."""
     return tuple(ref.identity for ref in item.inputs())
 
@@ -235,7 +235,7 @@ class Runner:
                 list(jobs),
                 measure,
                 ready,
-                identity=lambda i: _identity(items[i]),
+                identity=lambda i: stored_identity(items[i]),
                 wanted=lambda i: items[i].name in pending,
             )
 

@@ -230,6 +230,44 @@ def _host(x: Array) -> np.ndarray:
     return backend.to_host(x)
 
 
+def run_model_passes(
+    jobs: Sequence[Job | None],
+    measure: Callable[[dict[int, Pass]], dict[int, Any]],
+    identity: Callable[[int], Hashable],
+) -> tuple[list, list]:
+    """The leading model-scope passes of all jobs, in rounds. A round takes each job's next pass
+    that has a population, asks `measure` for the parts of the jobs whose tensor comes first in
+    its population (`{job index: pass}`, all at once, so a caller may fan them out), combines
+    each population's parts in job order, and stores the finished value in every member. Returns
+    each job's pass iterator and its next pass (a tensor-scope one, or None)."""
+    iterators = [None if job is None else job.passes() for job in jobs]
+    pending = [None if it is None else next(it, None) for it in iterators]
+    while True:
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(pending):
+            if p is not None and p.population is not None:
+                groups.setdefault((p.name, p.population), []).append(i)
+        if not groups:
+            return iterators, pending
+        asked: dict[int, Pass] = {}
+        for members in groups.values():
+            seen: set = set()
+            for i in members:
+                if identity(i) not in seen:
+                    seen.add(identity(i))
+                    asked[i] = pending[i]
+        parts = measure(asked)
+        for members in groups.values():
+            p, total = pending[members[0]], None
+            for i in members:
+                if i in parts:
+                    total = parts[i] if total is None else p.combine(total, parts[i])
+            value = p.finish(jobs[members[0]], total)
+            for i in members:
+                jobs[i].stats[p.name] = value
+                pending[i] = next(iterators[i], None)
+
+
 def run_passes(
     jobs: Sequence[Job | None],
     measure: Callable[[int, Pass], Any],
@@ -246,27 +284,9 @@ def run_passes(
     tensor, once), finished once and stored in each; then, job by job, its tensor-scope passes,
     and `ready`.
     """
-    iterators = [None if job is None else job.passes() for job in jobs]
-    pending = [None if it is None else next(it, None) for it in iterators]
-    while True:
-        groups: dict[tuple, list[int]] = {}
-        for i, p in enumerate(pending):
-            if p is not None and p.population is not None:
-                groups.setdefault((p.name, p.population), []).append(i)
-        if not groups:
-            break
-        for members in groups.values():
-            p, total, seen = pending[members[0]], None, set()
-            for i in members:
-                if identity(i) in seen:
-                    continue
-                seen.add(identity(i))
-                part = measure(i, pending[i])
-                total = part if total is None else p.combine(total, part)
-            value = p.finish(jobs[members[0]], total)
-            for i in members:
-                jobs[i].stats[p.name] = value
-                pending[i] = next(iterators[i], None)
+    iterators, pending = run_model_passes(
+        jobs, lambda asked: {i: measure(i, p) for i, p in asked.items()}, identity
+    )
     for i, job in enumerate(jobs):
         if not wanted(i):
             continue

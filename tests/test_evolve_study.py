@@ -17,11 +17,12 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from evolve_case import cli, make_case, scorer  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
 
 import mmerge  # noqa: E402
 from mmerge.errors import InvalidInput  # noqa: E402
 from mmerge.evolve import EvolveError  # noqa: E402
-from mmerge.evolve.storage import OWNER, open_storage  # noqa: E402
+from mmerge.evolve.storage import OWNER, Liveness, open_storage  # noqa: E402
 from mmerge.io import open_checkpoint  # noqa: E402
 
 
@@ -214,6 +215,48 @@ def test_workers_run_trials_at_once(case, tmp_path):
         running += d
         peak = max(peak, running)
     assert peak == 2 and len(events) == 8
+
+
+def _ask_enqueued(url):
+    study = optuna.load_study(study_name="race", storage=open_storage(url, 20))
+    return [study.ask().number for _ in range(15)]
+
+
+def test_processes_popping_queued_trials_at_once_never_share_one(tmp_path):
+    # SQLite has no SELECT ... FOR UPDATE: without BEGIN IMMEDIATE two processes read the same
+    # queued trial as waiting and both run it (then one crashed telling a finished trial).
+    import multiprocessing
+
+    url = f"sqlite:///{tmp_path}/race.db"
+    study = optuna.create_study(study_name="race", storage=open_storage(url, 20))
+    for k in range(45):
+        study.enqueue_trial({"x": float(k)})
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        asked = [n for got in pool.map(_ask_enqueued, [url] * 3) for n in got]
+    assert sorted(asked) == list(range(45))
+    assert all(t.state.name == "RUNNING" for t in study.get_trials())
+
+
+def test_a_trial_failed_by_another_worker_meanwhile_is_dropped_not_fatal(case, tmp_path):
+    out = tmp_path / "out"
+    score, seen = scorer(case), []
+
+    def evaluate(model):
+        if not seen:  # another worker judges this one dead: fails the trial, queues it again
+            other = optuna.load_study(study_name="evolve", storage=open_storage(url, 20))
+            (running,) = other.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            assert Liveness(other, 20).release(running)
+        seen.append(model)
+        return score(model)
+
+    url = f"sqlite:///{out}/study.db"
+    summary = mmerge.evolve(case["search"], evaluate, trials=3, out=out)
+    trials = optuna.load_study(study_name="evolve", storage=open_storage(url, 20)).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
+    (rerun,) = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert rerun.params == trials[0].params
+    assert summary.counted == 3 and summary.states["released"] == 1 and len(seen) == 4
+    assert not (out / "trials" / "00000").exists()
 
 
 @pytest.mark.parametrize("storage", ["sqlite", "journal"])

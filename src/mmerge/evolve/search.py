@@ -144,13 +144,10 @@ class Search:
         recipe = self.space.recipe(unit)
         trial.set_user_attr("worker", worker)
         score = failure = None
+        metrics, timing = {}, {}
         try:
             with self.liveness.beating(trial):
                 score, metrics, timing = self._score(recipe, trial.number, worker)
-            for key, value in timing.items():
-                trial.set_user_attr(key, round(value, 3))
-            if metrics:
-                trial.set_user_attr("metrics", metrics)
         except TrialFailed as exc:
             failure = str(exc)
         except Stopped:
@@ -158,13 +155,26 @@ class Search:
                 self.liveness.release(trial)
             books.remove_trial(self.work, trial.number)
             return
+        try:
+            self._tell(trial, score, failure, metrics, timing)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another worker saw no heartbeat for the grace period (this machine paused or cut
+            # off), failed the trial and queued its point again: this result is not recorded.
+            books.remove_trial(self.work, trial.number)
+            return
+        self._after(trial.number, score, failure)
+
+    def _tell(self, trial: optuna.Trial, score, failure, metrics, timing) -> None:
         with self.lock:
+            for key, value in timing.items():
+                trial.set_user_attr(key, round(value, 3))
+            if metrics:
+                trial.set_user_attr("metrics", metrics)
             if failure is None:
                 self.study.tell(trial, score)
             else:
                 trial.set_user_attr(books.FAILURE, failure)
                 self.study.tell(trial, state=TrialState.FAIL)
-        self._after(trial.number, score, failure)
 
     def _score(self, recipe: dict, number: int, worker: int):
         """(score, metrics, timings) of one recipe, or TrialFailed."""

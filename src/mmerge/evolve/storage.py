@@ -69,13 +69,16 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
     attempt = 0
     while True:
         try:
-            return optuna.storages.RDBStorage(
+            storage = optuna.storages.RDBStorage(
                 url,
                 engine_kwargs=engine,
                 heartbeat_interval=heartbeat,
                 grace_period=3 * heartbeat,
                 heartbeat_stale_trial_callback=retry,
             )
+            if url.startswith("sqlite"):
+                _serialize(storage.engine)
+            return storage
         except Exception as exc:  # driver missing, server down, bad URL: one clear line
             text, attempt = str(exc).strip(), attempt + 1
             if attempt < 6 and any(s in text for s in RACES):
@@ -83,6 +86,25 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
                 continue
             first = text.splitlines()[0] if text else type(exc).__name__
             raise InvalidInput(f"cannot open storage {redact(url)}: {first}") from None
+
+
+def _serialize(engine: Any) -> None:
+    """Make every SQLite transaction take the write lock when it begins (BEGIN IMMEDIATE).
+
+    SQLite has no SELECT ... FOR UPDATE, and Python's driver starts a transaction only at the
+    first write, so two workers could both read an enqueued trial as waiting and both run it.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # the driver issues no BEGIN of its own
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners are not reused
 
 
 def redact(url: str) -> str:

@@ -1,6 +1,6 @@
 """The engine runs every method's passes and apply over chunks; the result must be bit-identical
 to the method applied to whole tensors in memory (`merge_tensors`), for every registered method
-and every case of its spec vectors, on numpy and torch, with many chunks per tensor, whatever a
+and every case of its spec vectors, on numpy, torch and MLX (whose lazy arrays must be computed in the chunk task's thread), with many chunks per tensor, whatever a
 merge may hold between its passes (so whichever passes find its statistics)."""
 
 import numpy as np
@@ -97,12 +97,13 @@ RUNS = [  # every case with the engine's budget; those of methods with passes wi
 
 
 @pytest.mark.parametrize(("method", "case_id", "hold"), RUNS)
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("backend", ["numpy", "torch", "mlx"])
 def test_chunked_merge_equals_whole_tensor_merge(
     method, case_id, hold, backend, bf16_family, tmp_path, small_blocks
 ):
-    if backend == "torch":
-        pytest.importorskip("torch")
+    ok, why = mmerge.backend.available(backend)
+    if not ok:
+        pytest.skip(why)
     case = next(c for c in load(method)["cases"] if c["id"] == case_id)
     got, want = merged_both_ways(
         bf16_family,

@@ -7,6 +7,7 @@ device, with portable array-API defaults that each library's subclass replaces b
   its 16-bit digits, counting them, gathering entries, and the k-th value at once, for exact
   selections; `ranks` for rank-based ones.
 - `keep_mask`: the counter-based random bits of `backend.rng`.
+- `settle`: a measurement computed in the thread that made it (lazy libraries).
 - `chunk_elements`: how many entries per input a chunk should hold on this device.
 """
 
@@ -119,6 +120,11 @@ class Backend:
     def new_staging(self, n: int, dtype: np.dtype) -> np.ndarray:
         """A fresh host buffer for `staging` (pinned memory where the device wants it)."""
         return np.empty(n, dtype)
+
+    def settle(self, value: Any) -> Any:
+        """`value` (a measurement: arrays in tuples, lists and dicts) computed now, in this
+        thread, so another thread may combine or reuse it. Eager libraries have nothing to do."""
+        return value
 
     # -- selection and counting -----------------------------------------------------------------
 

@@ -3,6 +3,8 @@ become MLX arrays of that type and widen there; the array-API namespace is `mlx_
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from mmerge.backend.base import Array, Backend, check_host
@@ -51,6 +53,17 @@ class MlxBackend(Backend):
         bits = mx.array(raw.view(np.uint16))
         return bits.view(getattr(mx, dtype.name)).astype(getattr(mx, compute))
 
+    def settle(self, value: Any) -> Any:
+        """MLX computes lazily, on a stream of the thread that built the graph: evaluated
+        elsewhere, an array made in a chunk task fails ("no Stream(cpu, 0) in current thread")."""
+        import mlx.core as mx
+
+        arrays: list = []
+        _collect(value, mx.array, arrays)
+        if arrays:
+            mx.eval(*arrays)
+        return value
+
     def float_bits(self, x: Array) -> Array:
         import mlx.core as mx
 
@@ -61,3 +74,15 @@ class MlxBackend(Backend):
 
         n = a.shape[0]
         return mx.partition(a, n - k)[n - k].item()
+
+
+def _collect(value: Any, kind: type, out: list) -> None:
+    """The arrays of type `kind` inside nested tuples, lists and dicts."""
+    if isinstance(value, kind):
+        out.append(value)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            _collect(v, kind, out)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _collect(v, kind, out)

@@ -148,7 +148,7 @@ class Runner:
         """`p` measured on every chunk of `item`, combined in chunk order."""
 
         def one(start: int, stop: int):
-            return p.measure(job, self.load(item, start, stop))
+            return self.backend.settle(p.measure(job, self.load(item, start, stop)))
 
         calls = ((one, self.cost(item, s, e), (s, e)) for s, e in self.chunks(item, job))
         total = None

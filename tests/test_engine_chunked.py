@@ -1,7 +1,8 @@
 """The engine runs every method's passes and apply over chunks; the result must be bit-identical
 to the method applied to whole tensors in memory (`merge_tensors`), for every registered method
-and every case of its spec vectors, on numpy, torch and MLX (whose lazy arrays must be computed in the chunk task's thread), with many chunks per tensor, whatever a
-merge may hold between its passes (so whichever passes find its statistics)."""
+and every case of its spec vectors, on numpy, torch and MLX (whose lazy arrays must be computed
+in the chunk task's thread), with many chunks per tensor, whatever a merge may hold between its
+passes (so whichever passes find its statistics)."""
 
 import numpy as np
 import pytest

@@ -75,6 +75,24 @@ def test_overflow_from_finite_inputs_is_not_an_input_error():
     assert np.isinf(M.linear([big, big], normalize=False)).all()
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "slerp"])
+def test_finite_inputs_whose_sum_overflows_are_finite(be, name):
+    # the finite check adds the entries first: an infinite sum must not count as an input error
+    models, base, params = CALLS[name]
+    big = [
+        np.where(np.arange(m.size).reshape(m.shape) % 2, 3e38, m).astype(np.float32) for m in models
+    ]
+    bad = [b.copy() for b in big]
+    bad[0][0, 1] = np.nan
+    on = [to_backend(be, m) for m in big]
+    at = None if base is None else to_backend(be, base)
+    M.get(name)(on, base=at, **params)
+    with pytest.raises(InvalidInput, match="model 0 has NaN or inf"):
+        M.get(name)([to_backend(be, m) for m in bad], base=at, **params)
+
+
 # --- slerp geometry ----------------------------------------------------------------------------
 
 

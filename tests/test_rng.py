@@ -89,6 +89,16 @@ def test_chunking_does_not_change_the_mask():
 
 
 @pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("cut", [0, 1, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1, 2**32])
+def test_keep_mask_at_extreme_thresholds(be, cut):
+    # backends may compare 32-bit values in signed arithmetic: the cuts around the sign bit
+    on = backend.get(be)
+    start = 2**31 - 700
+    want = reference.random_bits(3000, 4, NAME, 0, start) < cut
+    assert np.array_equal(to_numpy(on.keep_mask(3000, cut, keys(4), start)), want)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
 def test_per_element_thresholds(be):
     on = backend.get(be)
     p = np.linspace(0, 1, 1000)

@@ -8,10 +8,17 @@ import warnings
 
 import numpy as np
 
+from mmerge.backend import rng
 from mmerge.backend.base import Array, Backend, check_host
 from mmerge.io.dtypes import DType
 
 _SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+_TOP = -(1 << 31)  # the sign bit of an int32: flipping it maps unsigned order onto signed order
+
+
+def _int32(value: int) -> int:
+    """The 32-bit pattern `value` (0 .. 2**32-1) as the int32 that holds it."""
+    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 def cuda_index(device: str) -> int | None:
@@ -91,7 +98,12 @@ class TorchBackend(Backend):
             moved = self._as_tensor(bits)
         if dtype.needs_widening:
             moved = moved.view(self._torch_dtype(dtype.name))
-        return moved.to(self._torch_dtype(compute))
+        if self.on_gpu:
+            return moved.to(self._torch_dtype(compute))
+        # on the CPU, widen into this thread's reused buffer, as numpy does: no allocation per
+        # chunk and input, so no heap churn and no page faulted in again
+        out = self._as_tensor(self.staging(slot, raw.size, np.dtype(compute)))
+        return out.copy_(moved)
 
     def new_staging(self, n: int, dtype: np.dtype) -> np.ndarray:
         if cuda_index(self.device) is None:
@@ -158,6 +170,34 @@ class TorchBackend(Backend):
         shape[axis] = a.shape[axis]
         positions = torch.arange(a.shape[axis], device=a.device).reshape(shape).expand_as(order)
         return torch.empty_like(order).scatter_(axis, order, positions)
+
+    def keep_mask(self, n: int, threshold, keys: tuple[int, int], start: int = 0) -> Array:
+        """`rng.keep_mask` in int32 arithmetic (torch has no uint32 products): the same 32-bit
+        patterns, with logical shifts masked out of arithmetic ones and products wrapping, and
+        unsigned order compared as signed once the sign bit is flipped. Half the bytes and
+        fewer operations than the portable int64 form."""
+        import torch
+
+        out = torch.empty(n, dtype=torch.bool, device=self.device)
+        per_element = not isinstance(threshold, int)
+        for lo, hi in rng.spans(start, start + n):
+            first, last = lo & rng.M32, ((hi - 1) & rng.M32) + 1
+            x = torch.arange(first, last, dtype=torch.int64, device=self.device).to(torch.int32)
+            x ^= _int32(rng.block_key(keys, lo))
+            for final in (False, False, True):
+                x ^= (x >> 16) & 0xFFFF
+                if not final:
+                    x *= rng.MULTIPLIER
+            part = out[lo - start : hi - start]
+            if per_element:
+                torch.lt(x.to(torch.int64) & rng.M32, threshold[lo - start : hi - start], out=part)
+            elif threshold >= 1 << rng.BITS:
+                part.fill_(True)
+            elif threshold <= 0:
+                part.fill_(False)
+            else:
+                torch.lt(x ^ _TOP, threshold + _TOP, out=part)
+        return out
 
     def array_device(self):
         return self.device

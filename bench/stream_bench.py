@@ -9,6 +9,11 @@ methods run at density 0.5, and each ratio is checked against the method's targe
     python bench/stream_bench.py                      # every method, 2.2 GB models
     python bench/stream_bench.py --preset small       # ~0.25 GB models (a 4x smaller embedding)
     python bench/stream_bench.py --methods linear,ties --backend torch --device cuda
+    python bench/stream_bench.py --methods linear,ties,dare_ties,slerp --backend numpy,torch,mlx
+
+With several backends, each method runs on each of them in turn (the same floor), and every
+backend's time and peak RSS are also given as ratios to the first one's (issue #19: within
+1.3x of numpy's time and 1.5x of its peak RSS).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ PRESETS = {
     "llama-1b": {"hidden": 2048, "intermediate": 5632, "layers": 22, "vocab": 32000},
     "small": {"hidden": 1024, "intermediate": 2816, "layers": 11, "vocab": 16000},
 }
+BACKEND_TARGETS = {"time": 1.3, "rss": 1.5}  # of the first backend's, for the others (issue #19)
 # ratio to the I/O floor each method should stay within (issue #12)
 TARGETS = {"elementwise": 1.0, "spherical": 1.5, "statistics": 3.0, "iterative": 5.0}
 FAMILY = {
@@ -113,13 +119,57 @@ def method_args(spec, models: Path) -> tuple[list[str], list[str]]:
     return names, extra
 
 
+def row(method, backend, wall, rss, rc, floor, inputs, first) -> dict:
+    """One result: against the floor, and against the first backend's run of the method."""
+    target = TARGETS[FAMILY.get(method, "statistics")]
+    ratio = wall / floor
+    out = {
+        "method": method,
+        "backend": backend,
+        "wall_s": round(wall, 2),
+        "floor_s": round(floor, 2),
+        "ratio": round(ratio, 2),
+        "target": target,
+        "met": bool(rc == 0 and ratio <= target and rss < 1e9),
+        "peak_rss_mb": round(rss / 2**20),
+        "throughput_gb_s": round(sum(f.stat().st_size for f in inputs) / wall / 1e9, 2),
+        "exit": rc,
+    }
+    if first is not None and first["exit"] == 0 and rc == 0:
+        time_x, rss_x = wall / first["wall_s"], rss / 2**20 / first["peak_rss_mb"]
+        out["vs_first"] = {
+            "backend": first["backend"],
+            "time": round(time_x, 2),
+            "rss": round(rss_x, 2),
+            "met": time_x <= BACKEND_TARGETS["time"] and rss_x <= BACKEND_TARGETS["rss"],
+        }
+    return out
+
+
+def describe(r: dict, several: bool) -> str:
+    """One printed line of a result."""
+    line = f"{r['method']:16s} " + (f"{r['backend']:6s} " if several else "")
+    line += (
+        f"{r['wall_s']:7.1f} s  floor {r['floor_s']:5.1f} s  {r['ratio']:5.2f}x "
+        f"(target {r['target']:g}x)  peak RSS {r['peak_rss_mb']:5d} MB  "
+        f"{r['throughput_gb_s']:.2f} GB/s in{'' if r['met'] else '  NOT MET'}"
+    )
+    vs = r.get("vs_first")
+    if vs:
+        line += (
+            f"  | vs {vs['backend']}: time {vs['time']:.2f}x, RSS {vs['rss']:.2f}x"
+            f"{'' if vs['met'] else '  NOT MET'}"
+        )
+    return line + ("  FAILED" if r["exit"] else "")
+
+
 def main() -> None:
     from mmerge.methods import all_methods, get
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="llama-1b")
     ap.add_argument("--methods", default="all", help="comma-separated, or all (the registry)")
-    ap.add_argument("--backend", default="numpy")
+    ap.add_argument("--backend", default="numpy", help="one, or several comma-separated")
     ap.add_argument("--device", default=None)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mmerge-bench")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -131,6 +181,7 @@ def main() -> None:
     files = {k: model_files(models / k) for k in ("base", "ft1", "ft2")}
     model_bytes = sum(f.stat().st_size for f in files["ft1"])
     chosen = [s.name for s in all_methods()] if a.methods == "all" else a.methods.split(",")
+    backends = a.backend.split(",")
     rows = []
     for method in chosen:
         spec = get(method)
@@ -139,40 +190,22 @@ def main() -> None:
         if spec.base == "required":
             inputs += files["base"]
         floor = read_seconds(inputs) + write_seconds(work, model_bytes)
-        args = ["stream", *(str(models / n) for n in names), "--method", method]
-        args += ["-o", str(work / method), "--quiet", "--backend", a.backend, *extra]
-        if a.device:
-            args += ["--device", a.device]
-        wall, rss, rc = run_merge(args)
-        subprocess.run(["rm", "-rf", str(work / method)], check=False)
-        target = TARGETS[FAMILY.get(method, "statistics")]
-        ratio = wall / floor
-        rows.append(
-            {
-                "method": method,
-                "wall_s": round(wall, 2),
-                "floor_s": round(floor, 2),
-                "ratio": round(ratio, 2),
-                "target": target,
-                "met": bool(rc == 0 and ratio <= target and rss < 1e9),
-                "peak_rss_mb": round(rss / 2**20),
-                "throughput_gb_s": round(sum(f.stat().st_size for f in inputs) / wall / 1e9, 2),
-                "exit": rc,
-            }
-        )
-        r = rows[-1]
-        print(
-            f"{method:16s} {r['wall_s']:7.1f} s  floor {r['floor_s']:5.1f} s  "
-            f"{r['ratio']:5.2f}x (target {target:g}x)  peak RSS {r['peak_rss_mb']:5d} MB  "
-            f"{r['throughput_gb_s']:.2f} GB/s in{'' if r['met'] else '  NOT MET'}"
-            f"{'  FAILED' if rc else ''}",
-            flush=True,
-        )
+        first = None
+        for backend in backends:
+            args = ["stream", *(str(models / n) for n in names), "--method", method]
+            args += ["-o", str(work / method), "--quiet", "--backend", backend, *extra]
+            if a.device:
+                args += ["--device", a.device]
+            wall, rss, rc = run_merge(args)
+            subprocess.run(["rm", "-rf", str(work / method)], check=False)
+            rows.append(row(method, backend, wall, rss, rc, floor, inputs, first))
+            first = first or rows[-1]
+            print(describe(rows[-1], len(backends) > 1), flush=True)
     result = {
         "preset": a.preset,
         "shape": PRESETS[a.preset],
         "model_bytes": model_bytes,
-        "backend": a.backend,
+        "backends": backends,
         "device": a.device,
         "results": rows,
     }

@@ -317,3 +317,19 @@ def test_ranks_are_the_stable_argsort_of_the_stable_argsort(name, shape):
     got = B.to_host(on.ranks(on.from_host(host), axis=1))
     order = np.argsort(host, axis=1, kind="stable")
     np.testing.assert_array_equal(got, np.argsort(order, axis=1, kind="stable"))
+
+
+def test_torch_namespace_converts_booleans_as_array_api_compat_does():
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as compat
+
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    xp = B.namespace(mask)
+    assert xp is not compat and xp.sum is compat.sum  # everything else is array-api-compat's
+    for view in (mask, mask.T, mask[:, ::2]):  # contiguous or not
+        for dtype in (torch.float32, torch.float64, torch.int64, torch.uint8):
+            got = xp.astype(view, dtype)
+            want = compat.astype(view, dtype)
+            assert got.dtype == dtype and torch.equal(got, want)
+            assert got.data_ptr() != view.data_ptr()  # a new tensor, as copy=True asks
+    assert torch.equal(xp.astype(torch.tensor([1.5, -2.0]), torch.int64), torch.tensor([1, -2]))

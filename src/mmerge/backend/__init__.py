@@ -141,6 +141,10 @@ def namespace(*arrays: Array):
     devices = {str(array_api_compat.device(a)) for a in present}
     if len(devices) > 1:
         raise InvalidInput(f"arrays on different devices: {', '.join(sorted(devices))}")
+    if libs == ["torch"]:
+        from mmerge.backend import torch_namespace
+
+        return torch_namespace
     return xp
 
 

@@ -108,6 +108,9 @@ def test_resume_counts_the_study_total(case, tmp_path):
     summary = mmerge.evolve(case["search"], scorer(case), trials=7, **run)
     assert summary.counted == 7 and summary.target == 7
     assert mmerge.evolve(case["search"], scorer(case), trials=7, **run).counted == 7
+    fewer = mmerge.evolve(case["search"], scorer(case), trials=5, **run)  # runs nothing
+    assert fewer.counted == 7 and "trials: 7 of 7" in summary.text()
+    assert "trials: 7 (5 asked for; the study held more already)" in fewer.text()
     assert numbers(out / "study.db") == list(range(7))
     assert states(out / "study.db") == {"COMPLETE": 7}
 

@@ -57,6 +57,8 @@ class StudySummary:
         s = self.states
         lines = [f"study {self.study!r} in {self.storage} ({self.direction})"]
         target = f" of {self.target}" if self.target else ""
+        if self.target and self.counted > self.target:  # resumed asking for fewer than it held
+            target = f" ({self.target} asked for; the study held more already)"
         lines.append(
             f"trials: {self.counted}{target}: {s['scored']} scored, {s['failed']} failed, "
             f"{s['running']} running, {s['queued']} queued"

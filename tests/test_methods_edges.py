@@ -75,6 +75,19 @@ def test_overflow_from_finite_inputs_is_not_an_input_error():
     assert np.isinf(M.linear([big, big], normalize=False)).all()
 
 
+@pytest.mark.parametrize("be", BACKENDS)
+def test_the_finite_check_warns_of_nothing(be):
+    import warnings
+
+    from mmerge import backend
+
+    big = to_backend(be, np.full(8, 3e38, np.float32))  # finite, with an infinite sum
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backend.of(big).all_finite(big)
+        assert not backend.of(big).all_finite(to_backend(be, np.array([1.0, np.inf], np.float32)))
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered")
 @pytest.mark.parametrize("be", BACKENDS)
 @pytest.mark.parametrize("name", ["ties", "dare_ties", "slerp"])

@@ -77,8 +77,12 @@ def _instance(name: str, device: str) -> Backend:
     return backend_class(name)(device)
 
 
+_HOLDING: dict[tuple[str, str | None], Backend] = {}  # (library, device) -> its object
+
+
 def of(x: Array) -> Backend:
-    """The backend object of the library and device holding `x`."""
+    """The backend object of the library and device holding `x` (looked up once per library and
+    device: an array's library is usable by definition, and methods ask on every chunk)."""
     lib = library_name(x)
     if lib == "torch":
         device = x.device.type if x.device.index is None else f"{x.device.type}:{x.device.index}"
@@ -88,7 +92,10 @@ def of(x: Array) -> Backend:
         device = "cpu" if x.device._device == "CPU_DEVICE" else x.device._device
     else:
         device = None
-    return get(lib, device)
+    found = _HOLDING.get((lib, device))
+    if found is None:
+        found = _HOLDING[(lib, device)] = get(lib, device)
+    return found
 
 
 def to_host(x: Array) -> np.ndarray:

@@ -7,7 +7,7 @@ device, with portable array-API defaults that each library's subclass replaces b
   its 16-bit digits, counting them, gathering entries, and the k-th value at once, for exact
   selections; `ranks` for rank-based ones.
 - `keep_mask`: the counter-based random bits of `backend.rng`.
-- `settle`: a measurement computed in the thread that made it (lazy libraries).
+- `settle`: a measurement computed in the thread that made it (lazy libraries); `all_finite`.
 - `chunk_elements`: how many entries per input a chunk should hold on this device.
 """
 
@@ -120,6 +120,14 @@ class Backend:
     def new_staging(self, n: int, dtype: np.dtype) -> np.ndarray:
         """A fresh host buffer for `staging` (pinned memory where the device wants it)."""
         return np.empty(n, dtype)
+
+    def all_finite(self, x: Array) -> bool:
+        """Whether every entry of the float array `x` is finite. A NaN or infinity makes the
+        sum non-finite, so a finite sum settles it at once (torch and MLX test entries many
+        times more slowly than they add them); an overflowing sum is checked entry by entry."""
+        xp = self.xp
+        with np.errstate(over="ignore"):  # an overflowing sum is expected, not worth a warning
+            return bool(xp.isfinite(xp.sum(x))) or bool(xp.all(xp.isfinite(x)))
 
     def settle(self, value: Any) -> Any:
         """`value` (a measurement: arrays in tuples, lists and dicts) computed now, in this

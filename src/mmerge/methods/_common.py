@@ -15,22 +15,18 @@ from mmerge.methods.contract import Blocks, Chunk, Job, Pass, block_dots
 Array = Any
 
 
-def _all_finite(xp, x: Array) -> bool:
-    return backend.of(x).all_finite(x)
-
-
-def require_finite(xp, method: str, tensors: Sequence[Array], base: Array | None) -> None:
+def require_finite(method: str, tensors: Sequence[Array], base: Array | None) -> None:
     """Raise InvalidInput naming the first input (model i or base) holding NaN or inf."""
     for i, x in enumerate(tensors):
-        if not _all_finite(xp, x):
+        if not backend.of(x).all_finite(x):
             raise InvalidInput(f"{method}: model {i} has NaN or inf values")
-    if base is not None and not _all_finite(xp, base):
+    if base is not None and not backend.of(base).all_finite(base):
         raise InvalidInput(f"{method}: the base model has NaN or inf values")
 
 
 def finite_chunk(job: Job, chunk: Chunk) -> None:
     """`require_finite` on every input of a chunk (the first pass of a method checks it)."""
-    require_finite(chunk.xp, job.method.name, chunk.models, chunk.base)
+    require_finite(job.method.name, chunk.models, chunk.base)
 
 
 def checked_first(passes: Iterable[Pass]) -> Iterator[Pass]:
@@ -55,7 +51,7 @@ def finite_result(job: Job, chunk: Chunk, result: Array) -> Array:
     arithmetic, nearswap, passthrough): the inputs are scanned only when the result is not
     finite, and a result that overflowed from finite inputs is returned as IEEE gives it.
     """
-    if not _all_finite(chunk.xp, result):
+    if not backend.of(result).all_finite(result):
         finite_chunk(job, chunk)
     return result
 

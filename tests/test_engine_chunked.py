@@ -1,8 +1,8 @@
 """The engine runs every method's passes and apply over chunks; the result must be bit-identical
 to the method applied to whole tensors in memory (`merge_tensors`), for every registered method
 and every case of its spec vectors, on numpy, torch and MLX (whose lazy arrays must be computed
-in the chunk task's thread), with many chunks per tensor, whatever a merge may hold between its
-passes (so whichever passes find its statistics)."""
+in the chunk task's thread), with many chunks per tensor, each worked on in uneven tiles,
+whatever a merge may hold between its passes (so whichever passes find its statistics)."""
 
 import numpy as np
 import pytest
@@ -67,7 +67,8 @@ def merged_both_ways(family, method, n, with_base, params, backend, tmp_path, ho
         params=params,
         out_dtype="float32",
     )
-    run = Execution(backend=backend, chunk_elements=96, hold=hold)
+    # chunks of three blocks, worked on in tiles of two blocks and one
+    run = Execution(backend=backend, chunk_elements=96, tile_elements=64, hold=hold)
     embed = next(i for i in plan.items if i.name == "model.embed_tokens.weight")
     if not embed.is_copy:  # the big tensor really takes many chunks
         assert len(chunk_bounds(embed.numel, job_for(embed, "float32").block, 96)) > 5

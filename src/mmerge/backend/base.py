@@ -8,7 +8,8 @@ device, with portable array-API defaults that each library's subclass replaces b
   selections; `ranks` for rank-based ones.
 - `keep_mask`: the counter-based random bits of `backend.rng`.
 - `settle`: a measurement computed in the thread that made it (lazy libraries); `all_finite`.
-- `chunk_elements`: how many entries per input a chunk should hold on this device.
+- `chunk_elements`: how many entries per input a chunk should hold on this device, and
+  `tile_elements`: how many a method should work on at once within it (None: the whole chunk).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class Backend:
     module: ClassVar[str]  # what to import
     install: ClassVar[str] = ""  # how to install it, for the error message
     default_device: ClassVar[str] = "cpu"
-    chunk_elements: int = 1 << 19  # 2 MiB of float32 per input: stays in the CPU's cache
+    chunk_elements: int = 1 << 19  # 2 MiB of float32 per input: few reads, few calls
+    tile_elements: int | None = None
 
     def __init__(self, device: str | None = None) -> None:
         self.device = device or self.default_device

@@ -16,6 +16,7 @@ _L2_BLOCK = 1 << 16  # uint32 entries hashed at a time: the temporaries stay in 
 class NumpyBackend(Backend):
     name = "numpy"
     module = "numpy"
+    tile_elements = 1 << 18  # 1 MiB of float32 per array: temporaries stay in L2, few calls
 
     def from_host(self, host: np.ndarray) -> Array:
         return check_host(host)

@@ -32,9 +32,9 @@ TEMPORARIES = 6  # chunk-sized arrays a method holds besides its inputs (a gener
 @dataclass(frozen=True)
 class Execution:
     """How to compute: backend and device, compute dtype, threads, progress callback, the
-    entries per chunk (None: what the backend suits), the bytes a tensor's merge may keep
-    between its passes, and the executor that runs the plan (`local`: this process; `ray`: one
-    task per output shard on the Ray cluster at `address`, None for Ray's default:
+    entries per chunk and per tile (None: what the backend suits), the bytes a tensor's merge
+    may keep between its passes, and the executor that runs the plan (`local`: this process;
+    `ray`: one task per output shard on the Ray cluster at `address`, None for Ray's default:
     $RAY_ADDRESS, a cluster started on this machine, or a new one)."""
 
     backend: str = "numpy"
@@ -43,6 +43,7 @@ class Execution:
     workers: int = 2
     on_progress: Callable[[int, int], None] | None = None  # (bytes written, bytes to write)
     chunk_elements: int | None = None
+    tile_elements: int | None = None
     hold: int = HOLD
     executor: str = "local"
     address: str | None = None
@@ -92,6 +93,7 @@ class Runner:
         self.items, self.writer, self.run = list(items), writer, run
         self.backend = backends.get(run.backend, run.device)
         self.target = run.chunk_elements or self.backend.chunk_elements
+        self.tile = run.tile_elements or self.backend.tile_elements
         self.budget = _Budget(MEMORY_BUDGET)
         self.lock = threading.Lock()
         self.remaining: dict[str, int] = {}
@@ -119,6 +121,15 @@ class Runner:
             ref.release(start, stop)
         base = arrays.pop() if item.base is not None else None
         return Chunk(self.backend.xp, arrays, base, start)
+
+    def tiles(self, chunk: Chunk, job: Job) -> Iterator[Chunk]:
+        """`chunk` in tiles of whole blocks, as large as the backend wants a method's work
+        (views: read and widened once, worked on where it stays in cache)."""
+        if self.tile is None or chunk.size <= self.tile:
+            yield chunk
+            return
+        for start, stop in chunk_bounds(chunk.size, job.block, self.tile):
+            yield chunk.part(start, stop)
 
     # -- tasks ------------------------------------------------------------------------------------
 
@@ -148,7 +159,11 @@ class Runner:
         """`p` measured on every chunk of `item`, combined in chunk order."""
 
         def one(start: int, stop: int):
-            return self.backend.settle(p.measure(job, self.load(item, start, stop)))
+            total = None
+            for tile in self.tiles(self.load(item, start, stop), job):
+                part = p.measure(job, tile)
+                total = part if total is None else p.combine(total, part)
+            return self.backend.settle(total)
 
         calls = ((one, self.cost(item, s, e), (s, e)) for s, e in self.chunks(item, job))
         total = None
@@ -166,10 +181,10 @@ class Runner:
             self.writer.write(item.name, data, start=start)
             ref.release(start, stop)
         else:
-            chunk = self.load(item, start, stop)
-            result = self.backend.to_host(job.method.apply(job, chunk))
-            check_fits(result, DTYPES[item.out_dtype], item.name)
-            self.writer.write(item.name, result, start=start)
+            for tile in self.tiles(self.load(item, start, stop), job):
+                result = self.backend.to_host(job.method.apply(job, tile))
+                check_fits(result, DTYPES[item.out_dtype], item.name)
+                self.writer.write(item.name, result, start=tile.start)
         self.finished(item, start, stop)
 
     def finished(self, item: PlanItem, start: int, stop: int) -> None:

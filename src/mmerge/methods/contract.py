@@ -160,6 +160,11 @@ class Chunk:
         """The task vectors model_i - base of this chunk."""
         return [x - self.base for x in self.models]
 
+    def part(self, start: int, stop: int) -> Chunk:
+        """Entries [start, stop) of this chunk (offsets within it) as a chunk of their own."""
+        base = None if self.base is None else self.base[start:stop]
+        return Chunk(self.xp, [x[start:stop] for x in self.models], base, self.start + start)
+
     @property
     def inputs(self) -> list[Array]:
         return self.models + ([self.base] if self.base is not None else [])

@@ -48,6 +48,7 @@ SELECT = Selection(
     lambda job, chunk: [variance(chunk.xp, chunk.deltas)],
     _select_counts,
     streams=lambda job: 1,
+    nonzero=True,
 )
 
 

@@ -76,14 +76,16 @@ class Selection:
     """A selection pipeline: `values(job, chunk)` gives each of the `streams(job)` statistics on
     a chunk (flat, non-negative, compute dtype); `counts(job, n, nonzero)` gives each stream's
     tuple of k from its total entries and non-zero entries (over the population, for the model
-    scope)."""
+    scope; None unless `nonzero`: counting them is a pass over every entry that numpy makes
+    holding the GIL)."""
 
     name: str
     values: Callable[[Job, Chunk], list[Array]]
-    counts: Callable[[Job, list[int], list[int]], list[tuple[int, ...]]]
+    counts: Callable[[Job, list[int], list[int] | None], list[tuple[int, ...]]]
     ties: str = "index"
     population: Callable[[Job], Hashable | None] = field(default=lambda job: None)
     streams: Callable[[Job], int] = field(default=lambda job: job.n_models)
+    nonzero: bool = False
 
     def __post_init__(self) -> None:
         if self.ties not in TIES:
@@ -210,7 +212,7 @@ class _Level:
             bits = on.float_bits(value)
             digit = on.digits(bits, self.shift)
             if self.level == 0:
-                nonzero = int(xp.count_nonzero(value))
+                nonzero = int(xp.count_nonzero(value)) if self.selection.nonzero else 0
                 out.append((on.bincount(digit, BINS), value.shape[0], nonzero))
                 continue
             hists = []
@@ -226,7 +228,7 @@ class _Level:
     def finish(self, job: Job, total: list) -> list[list[Cut]]:
         if self.level == 0:
             sizes = [int(n) for _, n, _ in total]
-            nonzero = [int(z) for _, _, z in total]
+            nonzero = [int(z) for _, _, z in total] if self.selection.nonzero else None
             ks = self.selection.counts(job, sizes, nonzero)
             cuts = [_cuts(stream_ks, n) for stream_ks, n in zip(ks, sizes)]
             hists = [[h for _ in stream] for (h, _, _), stream in zip(total, cuts)]
@@ -285,7 +287,8 @@ class _Gather:
             on = backend.of(value)
             bits = on.float_bits(value)
             if self.shift is None:
-                out.append((bits, int(xp.count_nonzero(value))))
+                nonzero = int(xp.count_nonzero(value)) if self.selection.nonzero else 0
+                out.append((bits, nonzero))
                 continue
             gathered = []
             for cut in self.selection.cuts(job)[s]:
@@ -309,7 +312,7 @@ class _Gather:
                         self._resolve(job, cut, [(p[c][1], p[c][0]) for p in pieces])
             return cuts
         sizes = [sum(int(bits.shape[0]) for bits, _ in pieces) for pieces in streams]
-        nonzero = [sum(z for _, z in pieces) for pieces in streams]
+        nonzero = [sum(z for _, z in p) for p in streams] if self.selection.nonzero else None
         ks = self.selection.counts(job, sizes, nonzero)
         cuts = [_cuts(stream_ks, n) for stream_ks, n in zip(ks, sizes)]
         starts = [start for start, _ in measured]

@@ -73,7 +73,9 @@ def _population(job: Job):
 # -- magnitude (TIES) ----------------------------------------------------------------------------
 
 
-def _magnitude_counts(job: Job, sizes: list[int], nonzero: list[int]) -> list[tuple[int, ...]]:
+def _magnitude_counts(
+    job: Job, sizes: list[int], nonzero: list[int] | None
+) -> list[tuple[int, ...]]:
     """k per model: max(1, int(density n)) for one tensor (mergekit, ties cut by flat index);
     for the whole model, the TIES reference code's count int(density n) + 1 (ties kept)."""
     out = []
@@ -127,7 +129,7 @@ def band_sizes(density: float, gamma: float, n: int) -> tuple[int, int]:
     return min(int(gamma * n), n - keep), keep
 
 
-def _band_counts(job: Job, sizes: list[int], nonzero: list[int]) -> list[tuple[int, ...]]:
+def _band_counts(job: Job, sizes: list[int], nonzero: list[int] | None) -> list[tuple[int, ...]]:
     """Per model: (skip + keep, skip), the two selections whose difference is the band."""
     out = []
     for d, g, n in zip(job.params["density"], job.params["gamma"], sizes):

@@ -27,6 +27,10 @@ class NumpyBackend(Backend):
     def from_stored(self, raw, dtype, compute="float32", slot=0) -> Array:
         return self.widen(raw, dtype, compute, slot)
 
+    def all_finite(self, x: Array) -> bool:
+        """Entry by entry: numpy tests entries in half the time its pairwise sum adds them."""
+        return bool(np.isfinite(x).all())
+
     def float_bits(self, x: Array) -> Array:
         return x.view(np.int32 if x.dtype.itemsize == 4 else np.int64)
 

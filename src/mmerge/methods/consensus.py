@@ -75,7 +75,9 @@ def disjoint_merge(
     mixed = model_sum([m * wd for m, wd in zip(agree, weighted)])
     if normalize:
         divisor = model_sum([m * w for m, w in zip(agree, weights)])
-        mixed = mixed / xp.where(divisor == 0, 1.0, divisor)
+        # 1 where no weight agrees: adding the 0/1 mask is exact, and many times faster than
+        # where() on an irregular mask
+        mixed = mixed / (divisor + xp.astype(divisor == 0, divisor.dtype))
     return mixed
 
 

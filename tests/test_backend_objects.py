@@ -333,3 +333,58 @@ def test_torch_namespace_converts_booleans_as_array_api_compat_does():
             assert got.dtype == dtype and torch.equal(got, want)
             assert got.data_ptr() != view.data_ptr()  # a new tensor, as copy=True asks
     assert torch.equal(xp.astype(torch.tensor([1.5, -2.0]), torch.int64), torch.tensor([1, -2]))
+
+
+def test_torch_namespace_compares_counts_and_joins_as_torch_does():
+    """Comparisons, counts and concatenations of CPU tensors run as numpy's on their memory:
+    the same values and dtypes as torch's own, on every kind of tensor (torch's own where numpy
+    has no view: bfloat16, tensors needing gradients)."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as compat
+
+    values = torch.from_numpy(SPECIAL.copy())
+    xp = B.namespace(values)
+    tensors = [
+        values,
+        values.to(torch.float64),
+        values.to(torch.bfloat16),
+        values.clone().requires_grad_(True),
+        values[::2],
+        torch.arange(-4, 5, dtype=torch.int32),
+    ]
+    for x in tensors:
+        for name in ("greater", "greater_equal", "less", "less_equal", "equal"):
+            for other in (0.0, -3.5, x.detach()):
+                got, want = getattr(xp, name)(x, other), getattr(compat, name)(x, other)
+                assert got.dtype == torch.bool and torch.equal(got, want), (name, x, other)
+        mask = x.detach() > 0
+        assert int(xp.count_nonzero(mask)) == int(compat.count_nonzero(mask))
+        assert int(xp.count_nonzero(x.detach())) == int(compat.count_nonzero(x.detach()))
+        pieces = [x.detach(), x.detach()[:3], x.detach()[:0]]
+        joined, want = xp.concat(pieces), compat.concat(pieces)
+        assert joined.dtype == want.dtype
+        np.testing.assert_array_equal(bits(B.to_host(joined)), bits(B.to_host(want)))
+    rows = torch.arange(6.0).reshape(2, 3)
+    assert torch.equal(xp.concat([rows, rows], axis=1), torch.cat([rows, rows], dim=1))
+    assert torch.equal(xp.concat([rows, rows], axis=None), torch.cat([rows.ravel()] * 2))
+
+
+def test_torch_threads_share_the_cores_while_the_engine_runs(tmp_path):
+    """During a streamed merge on CPU torch, torch's intra-op pool gets the cores divided
+    among the engine's workers; the caller's setting comes back afterwards."""
+    torch = pytest.importorskip("torch")
+    import os
+
+    on = B.get("torch", "cpu")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(os.cpu_count() or 1)
+        with on.threads(2):
+            assert torch.get_num_threads() == max(1, (os.cpu_count() or 1) // 2)
+        assert torch.get_num_threads() == (os.cpu_count() or 1)
+        with pytest.raises(RuntimeError), on.threads(1):
+            assert torch.get_num_threads() == (os.cpu_count() or 1)
+            raise RuntimeError("a failing merge")
+        assert torch.get_num_threads() == (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)

@@ -7,16 +7,19 @@ device, with portable array-API defaults that each library's subclass replaces b
   its 16-bit digits, counting them, gathering entries, and the k-th value at once, for exact
   selections; `ranks` for rank-based ones.
 - `keep_mask`: the counter-based random bits of `backend.rng`.
-- `settle`: a measurement computed in the thread that made it (lazy libraries); `all_finite`.
+- `settle`: a measurement computed in the thread that made it (lazy libraries); `all_finite`;
+  `threads`: the library's own thread pool sized beside the engine's.
 - `chunk_elements`: how many entries per input a chunk should hold on this device, and
   `tile_elements`: how many a method should work on at once within it (None: the whole chunk).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import threading
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -130,6 +133,12 @@ class Backend:
         xp = self.xp
         with np.errstate(over="ignore"):  # an overflowing sum is expected, not worth a warning
             return bool(xp.isfinite(xp.sum(x))) or bool(xp.all(xp.isfinite(x)))
+
+    @contextlib.contextmanager
+    def threads(self, workers: int) -> Iterator[None]:
+        """While `workers` engine threads compute: a library with its own thread pool shares
+        the cores among them rather than each taking all. Nothing to do by default."""
+        yield
 
     def settle(self, value: Any) -> Any:
         """`value` (a measurement: arrays in tuples, lists and dicts) computed now, in this

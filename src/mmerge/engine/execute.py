@@ -216,7 +216,10 @@ class Runner:
     def working(self) -> Iterator[None]:
         """The thread pool chunk tasks run on, open for the block (tasks cancelled on error)."""
         workers = max(1, self.run.workers)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmerge") as pool:
+        with (
+            self.backend.threads(workers),
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmerge") as pool,
+        ):
             self.pool = pool
             try:
                 yield

@@ -86,6 +86,11 @@ def lerp(a: Array, b: Array, t: float) -> Array:
     return (1.0 - t) * a + t * b
 
 
+def scaled(x: Array, c: float) -> Array:
+    """x * c; x itself when c is 1 (x * 1 is x in IEEE arithmetic, and one array pass fewer)."""
+    return x if c == 1 else x * c
+
+
 def model_sum(terms: Sequence[Array]) -> Array:
     """terms[0] + terms[1] + ... in list order (a fixed order, unlike a library reduction)."""
     total = terms[0]
@@ -96,7 +101,7 @@ def model_sum(terms: Sequence[Array]) -> Array:
 
 def combination(xp, arrays: Sequence[Array], coefficients: Sequence[float]) -> Array:
     """sum_i c_i * x_i in list order, with the coefficients computed in Python."""
-    return model_sum([x * float(c) for x, c in zip(arrays, coefficients)])
+    return model_sum([scaled(x, float(c)) for x, c in zip(arrays, coefficients)])
 
 
 def gram_blocks(job: Job, chunk: Chunk, arrays: Sequence[Array]) -> Blocks:

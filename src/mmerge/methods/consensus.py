@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mmerge.methods import _params as P
-from mmerge.methods._common import model_sum
+from mmerge.methods._common import model_sum, scaled
 from mmerge.methods.contract import Chunk, Job, Pass
 from mmerge.methods.registry import Param
 
@@ -25,7 +25,7 @@ def weighted_sum(
     xp, deltas: Sequence[Array], weights: Sequence[float], *, normalize: bool
 ) -> Array:
     """sum_i w_i * delta_i, divided by sum_i w_i when `normalize` (and |sum| >= 1e-8)."""
-    mixed = model_sum([d * w for d, w in zip(deltas, weights)])
+    mixed = model_sum([scaled(d, w) for d, w in zip(deltas, weights)])
     total = sum(weights)
     if normalize and abs(total) >= SUM_EPS:
         mixed = mixed * (1.0 / total)  # see _common.reciprocal_note
@@ -35,7 +35,7 @@ def weighted_sum(
 def votes(deltas: Sequence[Array], weights: Sequence[float], election: str) -> list[Array]:
     """What each model votes with: its weighted task vector (`weighted_sum`, `count`, mergekit)
     or its task vector alone (`sum`, the TIES paper)."""
-    return list(deltas) if election == "sum" else [d * w for d, w in zip(deltas, weights)]
+    return list(deltas) if election == "sum" else [scaled(d, w) for d, w in zip(deltas, weights)]
 
 
 def mass(xp, ballots: Sequence[Array], election: str) -> Array:
@@ -62,22 +62,24 @@ def disjoint_merge(
     entry agrees when its vote has the elected sign, so exact zeros (trimmed or dropped entries)
     never agree.
     """
-    weighted = [d * w for d, w in zip(deltas, weights)]
+    weighted = [scaled(d, w) for d, w in zip(deltas, weights)]
     ballots = deltas if election == "sum" else weighted
     total = mass(xp, ballots, election)
-    positive = total >= 0 if zero_positive else total > 0
+    positive = xp.greater_equal(total, 0.0) if zero_positive else xp.greater(total, 0.0)
     negative = ~positive
     # boolean logic and products with 0/1 masks rather than where(): same values for finite
-    # inputs, and many times faster on irregular masks
+    # inputs, and many times faster on irregular masks; comparisons by the namespace's
+    # functions, not operators, so that a backend may run them on its fastest kernels
     agree = [
-        xp.astype((positive & (v > 0)) | (negative & (v < 0)), weighted[0].dtype) for v in ballots
+        xp.astype((positive & xp.greater(v, 0.0)) | (negative & xp.less(v, 0.0)), v.dtype)
+        for v in ballots
     ]
     mixed = model_sum([m * wd for m, wd in zip(agree, weighted)])
     if normalize:
-        divisor = model_sum([m * w for m, w in zip(agree, weights)])
+        divisor = model_sum([scaled(m, w) for m, w in zip(agree, weights)])
         # 1 where no weight agrees: adding the 0/1 mask is exact, and many times faster than
         # where() on an irregular mask
-        mixed = mixed / (divisor + xp.astype(divisor == 0, divisor.dtype))
+        mixed = mixed / (divisor + xp.astype(xp.equal(divisor, 0.0), divisor.dtype))
     return mixed
 
 

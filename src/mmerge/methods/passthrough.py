@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mmerge.methods._common import finite_result
+from mmerge.methods._common import finite_result, scaled
 from mmerge.methods.registry import Param, register
 
 
@@ -19,5 +19,4 @@ from mmerge.methods.registry import Param, register
 )
 def passthrough(job, chunk):
     (scale,) = job.params["scale"]
-    x = chunk.models[0]
-    return finite_result(job, chunk, x if scale == 1 else x * scale)
+    return finite_result(job, chunk, scaled(chunk.models[0], scale))

@@ -132,18 +132,19 @@ class Selection:
         xp = chunk.xp
         cut = self.cuts(job)[stream][which]
         if cut.keep_all:
-            return value >= 0
+            return xp.greater_equal(value, 0)
         if cut.keep_none:
-            return value < 0
+            return xp.less(value, 0)
         thr = cut.threshold
+        # comparisons by the namespace's functions, not operators: see consensus.disjoint_merge
         if self.ties == "all" or not cut.partial_ties:
-            return value >= thr
+            return xp.greater_equal(value, thr)
         lo = cut.tie_block * job.block - chunk.start
         hi = lo + job.block
         if hi <= 0:
-            return value > thr
+            return xp.greater(value, thr)
         if lo >= chunk.size:
-            return value >= thr
+            return xp.greater_equal(value, thr)
         lo, hi = max(lo, 0), min(hi, chunk.size)
         middle = value[lo:hi]
         equal = middle == thr
@@ -332,8 +333,8 @@ class _Gather:
             if not cut.active:
                 continue
             t = int(on.kth_largest(scratch, cut.rank))  # reorders scratch: counts still hold
-            higher = int(xp.count_nonzero(scratch > t))
-            equal = int(xp.count_nonzero(scratch == t))
+            higher = int(xp.count_nonzero(xp.greater(scratch, t)))
+            equal = int(xp.count_nonzero(xp.equal(scratch, t)))
             cut.prefix, cut.above, cut.rank = t, cut.above + higher, cut.rank - higher
             cut.within = equal
             _found(cut, equal, job.compute)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mmerge.methods import _params as P
-from mmerge.methods._common import checked_first, finite_chunk, finite_result
+from mmerge.methods._common import checked_first, finite_chunk, finite_result, scaled
 from mmerge.methods.consensus import ELECT, SUM, Consensus, population_key
 from mmerge.methods.contract import Blocks, Chunk, Job, Pass, halving_sums
 from mmerge.methods.registry import MethodSpec, register
@@ -160,7 +160,7 @@ def task_vector_method(
         if drops and not checked:
             finite_chunk(job, chunk)
         mixed = consensus.combine(job, chunk, sparsified(job, chunk))
-        result = chunk.base + mixed * job.params["lambda"]
+        result = chunk.base + scaled(mixed, job.params["lambda"])
         return result if drops or checked else finite_result(job, chunk, result)
 
     return register(

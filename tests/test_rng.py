@@ -143,3 +143,21 @@ def test_keys_use_blake2b_not_python_hash():
 def test_empty_mask():
     assert backend.get("numpy").keep_mask(0, 5, keys()).shape == (0,)
     assert rng.keep_mask(np, 0, 5, keys()).shape == (0,)
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1, 2**32, "per entry"])
+def test_torch_device_form_on_the_cpu(cut):
+    """Torch's int32 form (what a GPU runs; the CPU takes numpy's) gives the reference bits,
+    across the 2**32 boundary and the sign bit, for one cut and per-entry cuts."""
+    torch = pytest.importorskip("torch")
+    on = backend.get("torch", "cpu")
+    start = 2**32 - 1500
+    if cut == "per entry":
+        p = np.linspace(0, 1, 3000)
+        threshold = torch.from_numpy(np.floor(p * 2**32).astype(np.int64))
+        want = reference.random_bits(3000, 4, NAME, 0, start) < reference.keep_threshold(p)
+    else:
+        threshold = cut
+        want = reference.random_bits(3000, 4, NAME, 0, start) < cut
+    got = on.device_keep_mask(3000, threshold, keys(4), start)
+    assert got.dtype == torch.bool and np.array_equal(got.numpy(), want)

@@ -191,6 +191,18 @@ class TorchBackend(Backend):
         return torch.empty_like(order).scatter_(axis, order, positions)
 
     def keep_mask(self, n: int, threshold, keys: tuple[int, int], start: int = 0) -> Array:
+        """On the CPU, numpy's uint32 form on the same memory (8x faster than torch's kernels
+        for this); on a GPU, `device_keep_mask`."""
+        import torch
+
+        if self.on_gpu:
+            return self.device_keep_mask(n, threshold, keys, start)
+        from mmerge.backend import get
+
+        cut = threshold if isinstance(threshold, int) else threshold.numpy()
+        return torch.from_numpy(get("numpy").keep_mask(n, cut, keys, start))
+
+    def device_keep_mask(self, n: int, threshold, keys: tuple[int, int], start: int = 0) -> Array:
         """`rng.keep_mask` in int32 arithmetic (torch has no uint32 products): the same 32-bit
         patterns, with logical shifts masked out of arithmetic ones and products wrapping, and
         unsigned order compared as signed once the sign bit is flipped. Half the bytes and

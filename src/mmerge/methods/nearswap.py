@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from mmerge.methods._common import as_array, endpoints, finite_result
 from mmerge.methods.registry import Param, register
 
@@ -30,7 +32,8 @@ def nearswap(job, chunk):
     xp = chunk.xp
     a, b = endpoints(chunk)
     diff = xp.abs(a - b)
-    close = diff > 0
-    ratio = as_array(xp, job.params["t"], diff) / xp.where(close, diff, 1.0)  # IEEE division
-    w = xp.where(close, xp.clip(ratio, 0.0, 1.0), 1.0)
+    # where a = b, t / 0 is +inf in IEEE division and clamps to w = 1: no where() needed; t
+    # over a tiny difference overflows to +inf the same way, which numpy would warn of
+    with np.errstate(divide="ignore", over="ignore"):
+        w = xp.clip(as_array(xp, job.params["t"], diff) / diff, 0.0, 1.0)
     return finite_result(job, chunk, w * b + (1.0 - w) * a)

@@ -382,3 +382,14 @@ def test_float64_transcendentals_keep_nan_and_inf():
     x = mx.array(np.array([np.nan, np.inf, -np.inf]), dtype=mx.float64)
     np.testing.assert_array_equal(host(xp.exp(x)), np.exp(np.array([np.nan, np.inf, -np.inf])))
     assert np.isnan(host(xp.sin(x))).all()
+
+
+def test_booleans_convert_as_mlx_converts_them():
+    """Booleans become numbers through their uint8 bytes (faster on MLX's CPU): the same values
+    and dtypes as MLX's own cast, contiguous or not."""
+    mask = mx.array(A > 0)
+    for view in (mask, mask.T, mask[:, ::2]):
+        for dtype in (xp.float32, xp.float16, xp.int64, xp.int8, xp.uint8, xp.bool):
+            got, want = xp.astype(view, dtype), mx.astype(view, dtype)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            np.testing.assert_array_equal(host(got), host(want))

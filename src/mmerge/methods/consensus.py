@@ -66,12 +66,19 @@ def disjoint_merge(
     ballots = deltas if election == "sum" else weighted
     total = mass(xp, ballots, election)
     positive = xp.greater_equal(total, 0.0) if zero_positive else xp.greater(total, 0.0)
-    negative = ~positive
+    negative = xp.logical_not(positive)
     # boolean logic and products with 0/1 masks rather than where(): same values for finite
-    # inputs, and many times faster on irregular masks; comparisons by the namespace's
-    # functions, not operators, so that a backend may run them on its fastest kernels
+    # inputs, and many times faster on irregular masks; comparisons and logic by the
+    # namespace's functions, not operators, so that a backend may run them on its fastest
+    # kernels (torch's CPU: numpy's comparisons; MLX's CPU: logic on the masks' bytes)
     agree = [
-        xp.astype((positive & xp.greater(v, 0.0)) | (negative & xp.less(v, 0.0)), v.dtype)
+        xp.astype(
+            xp.logical_or(
+                xp.logical_and(positive, xp.greater(v, 0.0)),
+                xp.logical_and(negative, xp.less(v, 0.0)),
+            ),
+            v.dtype,
+        )
         for v in ballots
     ]
     mixed = model_sum([m * wd for m, wd in zip(agree, weighted)])

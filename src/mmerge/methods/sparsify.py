@@ -144,12 +144,12 @@ def _band_passes(job: Job) -> Iterator[Pass]:
 
 
 def _band_keep(job: Job, chunk: Chunk, i: int, delta: Array) -> Array:
-    selection = _selection(job, _band_counts)
-    magnitude = chunk.xp.abs(delta)
+    xp, selection = chunk.xp, _selection(job, _band_counts)
+    magnitude = xp.abs(delta)
     inner = selection.mask(job, chunk, magnitude, i, 0)
     if selection.cuts(job)[i][1].keep_none:
         return inner
-    return inner & ~selection.mask(job, chunk, magnitude, i, 1)
+    return xp.logical_and(inner, xp.logical_not(selection.mask(job, chunk, magnitude, i, 1)))
 
 
 BAND = Sparsifier(

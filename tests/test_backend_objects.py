@@ -364,6 +364,9 @@ def test_torch_namespace_compares_counts_and_joins_as_torch_does():
         joined, want = xp.concat(pieces), compat.concat(pieces)
         assert joined.dtype == want.dtype
         np.testing.assert_array_equal(bits(B.to_host(joined)), bits(B.to_host(want)))
+    big = torch.tensor([16777217], dtype=torch.int32)  # torch compares it in float32 here
+    for other in (16777216.5, torch.tensor([16777216.5], dtype=torch.float64)):
+        assert torch.equal(xp.greater(big, other), compat.greater(big, other))
     rows = torch.arange(6.0).reshape(2, 3)
     assert torch.equal(xp.concat([rows, rows], axis=1), torch.cat([rows, rows], dim=1))
     assert torch.equal(xp.concat([rows, rows], axis=None), torch.cat([rows.ravel()] * 2))

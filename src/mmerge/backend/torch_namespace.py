@@ -35,12 +35,23 @@ def _host(x: Any) -> np.ndarray | None:
     return x.numpy()
 
 
+def _same_promotion(x1: Any, x2: Any) -> bool:
+    """Whether numpy compares `x1` with `x2` in the dtype torch does: a tensor with a tensor of
+    its dtype, or with a Python scalar of its kind (torch compares an integer tensor with a
+    Python float in float32, numpy in float64)."""
+    if not isinstance(x1, torch.Tensor):
+        return False
+    if isinstance(x2, torch.Tensor):
+        return x1.dtype == x2.dtype
+    return not (isinstance(x2, float) and not x1.is_floating_point())
+
+
 def _on_host(name: str) -> Callable[[Any, Any], Any]:
     numpy_fn, fallback = getattr(np, name), getattr(_compat, name)
 
     def compare(x1: Any, x2: Any, /) -> Any:
         a, b = _host(x1), _host(x2)
-        if a is None or b is None or not isinstance(x1, torch.Tensor):
+        if a is None or b is None or not _same_promotion(x1, x2):
             return fallback(x1, x2)
         return torch.from_numpy(np.asarray(numpy_fn(a, b)))
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mmerge.methods import _params as P
-from mmerge.methods._common import model_sum, scaled
+from mmerge.methods._common import combination, model_sum, scaled
 from mmerge.methods.contract import Chunk, Job, Pass
 from mmerge.methods.registry import Param
 
@@ -25,7 +25,7 @@ def weighted_sum(
     xp, deltas: Sequence[Array], weights: Sequence[float], *, normalize: bool
 ) -> Array:
     """sum_i w_i * delta_i, divided by sum_i w_i when `normalize` (and |sum| >= 1e-8)."""
-    mixed = model_sum([scaled(d, w) for d, w in zip(deltas, weights)])
+    mixed = combination(xp, deltas, weights)
     total = sum(weights)
     if normalize and abs(total) >= SUM_EPS:
         mixed = mixed * (1.0 / total)  # see _common.reciprocal_note

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mmerge.errors import InvalidInput
 from mmerge.methods import _params as P
-from mmerge.methods._common import finite_result, model_sum, scaled
+from mmerge.methods._common import combination, finite_result
 from mmerge.methods.consensus import SUM_EPS
 from mmerge.methods.registry import register
 
@@ -32,7 +32,7 @@ def _check(method: str, params: dict) -> None:
 def linear(job, chunk):
     weight, normalize = job.params["weight"], job.params["normalize"]
     total = sum(weight)
-    mixed = model_sum([scaled(x, w) for x, w in zip(chunk.models, weight)])
+    mixed = combination(chunk.xp, chunk.models, weight)
     if normalize:
         mixed = mixed * (1.0 / total)  # see _common.reciprocal_note
     return finite_result(job, chunk, mixed)

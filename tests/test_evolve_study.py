@@ -262,6 +262,45 @@ def test_a_trial_failed_by_another_worker_meanwhile_is_dropped_not_fatal(case, t
     assert not (out / "trials" / "00000").exists()
 
 
+def test_a_process_done_first_waits_for_the_others_best(case, tmp_path):
+    # Two searches share a study (as two machines would). B's trial runs long and scores best;
+    # A's share is done first. A's best.yaml must name the study's final best, B's trial, not
+    # the best A saw when its own last trial ended.
+    import threading
+
+    url = f"sqlite:///{tmp_path}/study.db"
+    b_running, a_scored, release = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_best(model):
+        b_running.set()
+        assert release.wait(60)
+        return 10.0
+
+    def fast_worse(model):
+        a_scored.set()
+        return 0.0
+
+    def search(evaluator, name):
+        mmerge.evolve(case["search"], evaluator, trials=2, storage=url, out=tmp_path / name)
+
+    b = threading.Thread(target=search, args=(slow_best, "b"))
+    b.start()
+    assert b_running.wait(60)
+    a = threading.Thread(target=search, args=(fast_worse, "a"))
+    a.start()
+    assert a_scored.wait(60)
+    a.join(3)  # without waiting for B, A has written its books and returned by now
+    release.set()
+    a.join(60)
+    b.join(60)
+    study = optuna.load_study(study_name="evolve", storage=open_storage(url, 20))
+    best = study.best_trial
+    assert best.value == 10.0 and sum(t.state.name == "COMPLETE" for t in study.trials) == 2
+    for name in "ab":
+        head = (tmp_path / name / "best.yaml").read_text().splitlines()[0]
+        assert f"trial {best.number}, score 10.0" in head, (name, head)
+
+
 @pytest.mark.parametrize("storage", ["sqlite", "journal"])
 def test_two_processes_share_one_study(case, tmp_path, storage):
     out = tmp_path / "out"

@@ -3,7 +3,8 @@
 `workers` threads run trials at once; several processes (on several machines) may share one
 study through its storage. `trials` is the study's total: finished trials (scored or failed
 with a reason) and trials running in live workers count; trials of dead workers do not, and
-are queued again.
+are queued again. A process whose share is done waits for the trials other processes still
+run, so that its books name the study's final best.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mmerge.evolve.space import SearchSpace
 from mmerge.evolve.storage import Liveness
 
 FAILURES_IN_A_ROW = 5  # this many failed trials in a row stop the search: something is broken
+WAIT_POLL_S = 0.5  # how often a finished process looks whether other processes' trials ended
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -93,11 +95,19 @@ class Search:
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Run trials until the study holds `trials`; Ctrl-C releases the running ones."""
+        """Run trials until the study holds `trials`, then wait for trials still running in
+        other processes, so that the books name the study's final best; Ctrl-C releases the
+        running ones."""
         with self.lock:
             self.liveness.recover()
         with books.folder_lock(self.work):
             books.tidy(self.study, self.work, self.options.keep_top)
+        while True:
+            self._run_workers()
+            if not self._wait_for_others():
+                return
+
+    def _run_workers(self) -> None:
         threads = [
             threading.Thread(target=self._worker, args=(w,), name=f"worker-{w}", daemon=True)
             for w in range(self.options.workers)
@@ -116,6 +126,19 @@ class Search:
             raise
         if self.error is not None:
             raise self.error
+
+    def _wait_for_others(self) -> bool:
+        """Wait until no trial of the study runs; True when trials of dead workers were queued
+        again meanwhile and the study is short of `trials` (this process runs them)."""
+        while True:
+            with self.lock:
+                self.liveness.recover()
+                trials = self.study.get_trials(deepcopy=False)
+            if sum(map(books.counts, trials)) < self.options.trials:
+                return True
+            if not any(t.state == TrialState.RUNNING for t in trials):
+                return False
+            time.sleep(WAIT_POLL_S)
 
     def _worker(self, worker: int) -> None:
         try:

@@ -130,3 +130,38 @@ def test_chunked_model_scope_equals_in_memory(
     got, want = merged_both_ways(bf16_family, method, 2, True, params, "numpy", tmp_path, hold)
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+class _Job:
+    """A stand-in job with one tensor-scope pass, whose finish may wait for another's measure."""
+
+    def __init__(self, index, finish):
+        self.index, self.stats = index, {}
+        self.pass_ = contract.Pass("p", lambda job, chunk: None, finish)
+
+    def passes(self):
+        return iter([self.pass_])
+
+
+def test_overlapped_passes_finish_one_tensor_beside_the_next_ones_chunks():
+    import threading
+
+    measured = [threading.Event() for _ in range(3)]
+    ready = []
+
+    def finish(job, total):
+        if job.index == 0:  # tensor 0's finish needs tensor 1 measured meanwhile: overlap only
+            assert measured[1].wait(10), "tensor 1 was not measured during tensor 0's finish"
+        if job.index == 2:
+            raise ValueError("tensor 2 is broken")
+        return total * 10
+
+    def measure(i, p):
+        measured[i].set()
+        return i + 1
+
+    jobs = [_Job(i, finish) for i in range(3)]
+    with pytest.raises(ValueError, match="tensor 2 is broken"):
+        contract.run_passes(jobs, measure, ready.append, overlap=2)
+    assert ready == [0, 1]  # in job order, and none after the failure
+    assert [j.stats.get("p") for j in jobs] == [10, 20, None]

@@ -27,6 +27,7 @@ from mmerge.methods.contract import Chunk, Job, Pass, run_passes
 MEMORY_BUDGET = 640 << 20  # bytes of working memory the tasks in flight may hold together
 HOLD = 128 << 20  # bytes a tensor's merge may keep between its passes (see Job.holds)
 TEMPORARIES = 6  # chunk-sized arrays a method holds besides its inputs (a generous count)
+OVERLAP = 2  # tensors whose passes run at once: one's finish overlaps the next one's chunks
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,7 @@ class Runner:
                 ready,
                 identity=lambda i: stored_identity(items[i]),
                 wanted=lambda i: items[i].name in pending,
+                overlap=OVERLAP if self.run.workers > 1 else 1,
             )
 
 
@@ -264,15 +266,15 @@ def write_chunk(runner: Runner, item: PlanItem, job: Job | None, start: int, sto
 
 
 def estimate_peak(plan: Plan, run: Execution = Execution()) -> int:
-    """Working memory the executor may hold at once (chunk tasks in flight, and what a merge
-    with passes keeps between them, twice while it is joined), for --dry-run."""
+    """Working memory the executor may hold at once (chunk tasks in flight, and what merges
+    with passes keep between them: see items_peak), for --dry-run."""
     return items_peak(plan.items, run)
 
 
 def items_peak(items: Sequence[PlanItem], run: Execution) -> int:
-    """Working memory of executing `items` (chunk tasks in flight, and what a merge with passes
-    keeps between them, twice while it is joined): the whole plan's for --dry-run, one Ray
-    task's hint."""
+    """Working memory of executing `items` (chunk tasks in flight, and what merges with passes
+    keep between them: OVERLAP tensors in their passes, each twice while its parts are joined,
+    and one applying): the whole plan's for --dry-run, one Ray task's hint."""
     target = run.chunk_elements or backends.get(run.backend, run.device).chunk_elements
     width = 8 if run.compute_dtype == "float64" else 4
     costs = [min(item.numel, target) * width * (len(item.inputs()) + TEMPORARIES) for item in items]
@@ -282,7 +284,7 @@ def items_peak(items: Sequence[PlanItem], run: Execution) -> int:
         for item in items
         if not item.is_copy and item.method.passes
     ]
-    return tasks + 2 * max(held, default=0)
+    return tasks + (2 * OVERLAP + 1) * max(held, default=0)
 
 
 def execute(plan: Plan, writer, run: Execution = Execution()) -> None:

@@ -25,9 +25,11 @@ where `Job.holds` allows it.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -279,6 +281,7 @@ def run_passes(
     ready: Callable[[int], None],
     identity: Callable[[int], Hashable] = lambda i: i,
     wanted: Callable[[int], bool] = lambda i: True,
+    overlap: int = 1,
 ) -> None:
     """Every pass of every wanted job, then `ready(i)` for each in order (None jobs, copies, are
     ready at once).
@@ -287,21 +290,46 @@ def run_passes(
     model-scope passes of all jobs (wanted or not: a resumed merge still needs the whole model)
     run first: each over every job of its population (jobs of equal `identity`, the same stored
     tensor, once), finished once and stored in each; then, job by job, its tensor-scope passes,
-    and `ready`.
+    and `ready`. With `overlap` > 1 the tensor-scope passes of that many successive jobs run at
+    once on threads of their own (`measure` must then be thread-safe), so one job's `finish`
+    (a k-th value, say) overlaps the chunk work of the next; `ready` still runs in job order on
+    the calling thread.
     """
     iterators, pending = run_model_passes(
         jobs, lambda asked: {i: measure(i, p) for i, p in asked.items()}, identity
     )
-    for i, job in enumerate(jobs):
-        if not wanted(i):
-            continue
-        p = pending[i]
+
+    def tensor_passes(i: int) -> None:
+        job, p = jobs[i], pending[i]
         while p is not None:
             if p.population is not None:
                 raise RuntimeError(f"{job.method.name}: a model-scope pass after a tensor pass")
             job.stats[p.name] = p.finish(job, measure(i, p))
             p = next(iterators[i], None)
+
+    order = [i for i in range(len(jobs)) if wanted(i)]
+    if overlap <= 1:
+        for i in order:
+            tensor_passes(i)
+            ready(i)
+        return
+    running: collections.deque[tuple[int, Future]] = collections.deque()
+
+    def first_ready() -> None:
+        i, future = running.popleft()
+        future.result()
         ready(i)
+
+    pool = ThreadPoolExecutor(max_workers=overlap, thread_name_prefix="mmerge-passes")
+    try:
+        for i in order:
+            running.append((i, pool.submit(tensor_passes, i)))
+            if len(running) == overlap:
+                first_ready()
+        while running:
+            first_ready()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def run_whole(job: Job, chunk: Chunk) -> Array:

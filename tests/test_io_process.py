@@ -1,5 +1,6 @@
 """Whole-process behaviour, in child processes: peak memory while reading a model much larger
-than any tensor, and a writer killed with SIGKILL mid-write (nothing final; resume completes)."""
+than any tensor, a writer killed with SIGKILL mid-write (nothing final; resume completes), and
+the merge's threads sharing one malloc arena."""
 
 from __future__ import annotations
 
@@ -126,3 +127,45 @@ def test_sigkill_mid_write_leaves_no_final_output_and_resume_matches(tmp_path):
     assert names == sorted(p.name for p in out.iterdir())
     for name in names:
         assert (out / name).read_bytes() == (clean / name).read_bytes(), name
+
+
+ARENA_CHILD = textwrap.dedent(
+    """
+    import ctypes, ctypes.util, sys, threading
+    import numpy as np
+    from mmerge.engine.allocator import keep_chunk_memory
+
+    if sys.argv[1] == "kept":
+        assert keep_chunk_memory()
+    held, barrier = [], threading.Barrier(4)
+
+    def work():
+        barrier.wait()  # all four allocate at once, each in its own thread
+        held.append(np.ones(1 << 18))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.fopen.restype = ctypes.c_void_p
+    libc.fclose.argtypes = (ctypes.c_void_p,)
+    libc.malloc_info.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    f = libc.fopen(sys.argv[2].encode(), b"w")
+    libc.malloc_info(0, f)
+    libc.fclose(f)
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc_info")
+def test_merge_threads_share_one_malloc_arena(tmp_path):
+    # chunk temporaries are freed by other threads than made them: one arena reuses their pages
+    counts = {}
+    for mode in ("kept", "default"):
+        report = tmp_path / f"{mode}.xml"
+        subprocess.run([sys.executable, "-c", ARENA_CHILD, mode, str(report)], check=True)
+        counts[mode] = report.read_text().count("<heap nr=")
+    assert counts["kept"] == 1, counts
+    assert counts["default"] > 1, counts  # the child can tell: glibc gives threads arenas

@@ -10,7 +10,7 @@ import pytest
 import mmerge
 import mmerge.backend
 from conformance.vectors import available, load
-from mmerge.engine.execute import HOLD, Execution, chunk_bounds, job_for
+from mmerge.engine.execute import HOLD, Execution, Runner, chunk_bounds, job_for
 from mmerge.engine.output import OutputOptions, write_plan
 from mmerge.engine.plan import Source, build_plan
 from mmerge.io import open_checkpoint
@@ -165,3 +165,25 @@ def test_overlapped_passes_finish_one_tensor_beside_the_next_ones_chunks():
         contract.run_passes(jobs, measure, ready.append, overlap=2)
     assert ready == [0, 1]  # in job order, and none after the failure
     assert [j.stats.get("p") for j in jobs] == [10, 20, None]
+
+
+def test_cancelled_chunk_tasks_give_their_bytes_back():
+    # after an error the engine cancels queued tasks; a pass thread still waiting for room in
+    # the budget must get it, or it never ends
+    import threading
+
+    runner = Runner([], None, Execution(workers=1))
+    started, go = threading.Event(), threading.Event()
+
+    def blocking():
+        started.set()
+        assert go.wait(10)
+
+    with runner.working():
+        first = runner.submit(blocking, 100)
+        queued = runner.submit(lambda: None, 200)
+        assert started.wait(10) and queued.cancel()
+        assert runner.budget.used == 100
+        go.set()
+        first.result()
+    assert runner.budget.used == 0

@@ -135,15 +135,17 @@ class Runner:
     # -- tasks ------------------------------------------------------------------------------------
 
     def submit(self, fn, cost: int, *args) -> Future:
+        """Run `fn(*args)` on the pool once `cost` bytes fit the budget; they are given back
+        when it ends, or when it is cancelled before it ran (after an error elsewhere: a pass
+        thread may still be waiting for room)."""
         self.budget.acquire(cost)
-
-        def task():
-            try:
-                return fn(*args)
-            finally:
-                self.budget.release(cost)
-
-        return self.pool.submit(task)
+        try:
+            future = self.pool.submit(fn, *args)
+        except BaseException:
+            self.budget.release(cost)
+            raise
+        future.add_done_callback(lambda _: self.budget.release(cost))
+        return future
 
     def ordered(self, calls: Iterable[tuple[Callable, int, tuple]]) -> Iterator:
         """Results of `calls` (fn, cost, args) in order, with a few of them running at once."""

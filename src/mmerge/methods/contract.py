@@ -28,8 +28,8 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -313,23 +313,43 @@ def run_passes(
             tensor_passes(i)
             ready(i)
         return
-    running: collections.deque[tuple[int, Future]] = collections.deque()
+    running: collections.deque[tuple[int, _Background]] = collections.deque()
 
     def first_ready() -> None:
-        i, future = running.popleft()
-        future.result()
+        i, background = running.popleft()
+        background.result()
         ready(i)
 
-    pool = ThreadPoolExecutor(max_workers=overlap, thread_name_prefix="mmerge-passes")
-    try:
-        for i in order:
-            running.append((i, pool.submit(tensor_passes, i)))
-            if len(running) == overlap:
-                first_ready()
-        while running:
+    for i in order:
+        running.append((i, _Background(tensor_passes, i)))
+        if len(running) == overlap:
             first_ready()
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    while running:
+        first_ready()
+
+
+class _Background:
+    """`fn(*args)` on a daemon thread of its own; `result()` joins it and raises what it raised.
+    Plain threads, not an executor: an executor's clean-up callback runs when it is collected,
+    and a Ctrl-C landing in it is lost (printed as ignored) while the merge goes on."""
+
+    def __init__(self, fn: Callable[..., None], *args: Any) -> None:
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(
+            target=self._run, args=(fn, args), name="mmerge-passes", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, fn: Callable[..., None], args: tuple) -> None:
+        try:
+            fn(*args)
+        except BaseException as exc:  # raised again in the thread that asks for the result
+            self.error = exc
+
+    def result(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def run_whole(job: Job, chunk: Chunk) -> Array:

@@ -4,6 +4,8 @@ and every case of its spec vectors, on numpy, torch and MLX (whose lazy arrays m
 in the chunk task's thread), with many chunks per tensor, each worked on in uneven tiles,
 whatever a merge may hold between its passes (so whichever passes find its statistics)."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -144,8 +146,6 @@ class _Job:
 
 
 def test_overlapped_passes_finish_one_tensor_beside_the_next_ones_chunks():
-    import threading
-
     measured = [threading.Event() for _ in range(3)]
     ready = []
 
@@ -170,8 +170,6 @@ def test_overlapped_passes_finish_one_tensor_beside_the_next_ones_chunks():
 def test_cancelled_chunk_tasks_give_their_bytes_back():
     # after an error the engine cancels queued tasks; a pass thread still waiting for room in
     # the budget must get it, or it never ends
-    import threading
-
     runner = Runner([], None, Execution(workers=1))
     started, go = threading.Event(), threading.Event()
 

@@ -134,7 +134,7 @@ class Search:
             with self.lock:
                 self.liveness.recover()
                 trials = self.study.get_trials(deepcopy=False)
-            if sum(map(books.counts, trials)) < self.options.trials:
+            if not self._full(trials):
                 return True
             if not any(t.state == TrialState.RUNNING for t in trials):
                 return False
@@ -152,11 +152,15 @@ class Search:
                 self.error = exc
             self.stop.set()
 
+    def _full(self, trials) -> bool:
+        """Whether the study holds its `trials` (finished ones and those running count)."""
+        return sum(map(books.counts, trials)) >= self.options.trials
+
     def _next(self) -> optuna.Trial | None:
         with self.lock:
             self.liveness.recover()
             trials = self.study.get_trials(deepcopy=False)
-            if sum(map(books.counts, trials)) >= self.options.trials:
+            if self._full(trials):
                 return None
             trial = self.study.ask()
             self.liveness.claim(trial)

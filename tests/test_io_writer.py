@@ -3,10 +3,13 @@ atomic commit, abort and resume."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import struct
+import threading
+import time
 from collections import namedtuple
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import safetensors.numpy
 
 from mmerge.errors import InvalidInput, MmergeError
 from mmerge.io import StreamingWriter, TensorSpec, open_checkpoint
+from mmerge.io import flusher as flusher_module
 from mmerge.io import journal as journal_module
 from mmerge.io import output_path as output_path_module
 from mmerge.io import writer as writer_module
@@ -487,3 +491,90 @@ def test_committed_output_replaces_atomically_without_leftovers(tmp_path):
     shutil.copytree(out, tmp_path / "before")
     finished_output(out, overwrite=True)
     assert leftovers(tmp_path) == ["before", "m"]
+
+
+# -- write-back while writing ------------------------------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def eventually(condition, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def flushing() -> bool:
+    return any(t.name == "mmerge-flush" for t in threading.enumerate())
+
+
+@pytest.fixture
+def syncs(monkeypatch):
+    """Syncs of output files by the write-back thread (FLUSH_BYTES lowered to 100 bytes)."""
+    monkeypatch.setattr(flusher_module, "FLUSH_BYTES", 100)
+    done = []
+    real = flusher_module._sync
+
+    def sync(fd):
+        real(fd)
+        done.append(fd)
+
+    monkeypatch.setattr(flusher_module, "_sync", sync)
+    return done
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_the_output_is_written_back_while_tensors_are_still_written(tmp_path, syncs):
+    before = open_fds()
+    with StreamingWriter(tmp_path / "m", SPECS, shard_size=200) as w:
+        w.write("bias", values(SPECS[2]))  # 8 bytes: not enough to start a write-back
+        assert not flushing() and syncs == []
+        w.write("emb", values(SPECS[0]))  # 160 bytes: its file is synced in the background
+        assert eventually(lambda: len(syncs) == 1)
+        write_all(w)
+    assert not flushing() and open_fds() == before
+    with open_checkpoint(tmp_path / "m") as c:
+        for spec in SPECS:
+            np.testing.assert_array_equal(c[spec.name].to_numpy(), values(spec))
+
+
+def test_a_failed_write_back_fails_the_commit_and_keeps_the_partial_output(tmp_path, monkeypatch):
+    """The kernel reports a write-back error to one sync only: the thread's must reach the
+    commit, or the output would be renamed into place with bytes the disk lost."""
+    monkeypatch.setattr(flusher_module, "FLUSH_BYTES", 100)
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(flusher_module, "_sync", failing)
+    out = tmp_path / "m.safetensors"
+    with (
+        pytest.raises(MmergeError, match=rf"cannot write the output {out}: Input/output error"),
+        StreamingWriter(out, SPECS) as w,
+    ):
+        write_all(w)
+    assert leftovers(tmp_path) == ["m.safetensors.mmerge-journal", "m.safetensors.mmerge-partial"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_an_abandoned_merge_does_not_wait_for_a_write_back_under_way(tmp_path, monkeypatch):
+    monkeypatch.setattr(flusher_module, "FLUSH_BYTES", 100)
+    started, release = threading.Event(), threading.Event()
+
+    def slow(fd):
+        started.set()
+        release.wait(10)
+
+    monkeypatch.setattr(flusher_module, "_sync", slow)
+    before = open_fds()
+    w = StreamingWriter(tmp_path / "m.safetensors", SPECS)
+    w.write("emb", values(SPECS[0]))
+    assert started.wait(5)
+    begun = time.monotonic()
+    w.abort()
+    assert time.monotonic() - begun < 1 and leftovers(tmp_path) == []
+    release.set()
+    assert eventually(lambda: open_fds() == before and not flushing())

@@ -30,6 +30,7 @@ from mmerge.engine.allocator import keep_chunk_memory
 from mmerge.engine.execute import Execution, Runner, items_peak, job_for, stored_identity
 from mmerge.engine.plan import Plan, PlanItem
 from mmerge.errors import InvalidInput, MmergeError
+from mmerge.io.flusher import Flusher
 from mmerge.io.layout import Slot
 from mmerge.io.output_path import fsync_dir
 from mmerge.io.writer import CHUNK_BYTES, pwrite_all, write_slot
@@ -104,8 +105,8 @@ class ShardResult:
 class _ShardSink:
     """The writer interface of the Runner over one shard file being written."""
 
-    def __init__(self, fd: int, slots: Sequence[Slot]) -> None:
-        self.fd = fd
+    def __init__(self, fd: int, slots: Sequence[Slot], flusher: Flusher) -> None:
+        self.fd, self.flusher = fd, flusher
         self.slots = {s.spec.name: s for s in slots}
         self.written = dict.fromkeys(self.slots, 0)
         self.lock = threading.Lock()
@@ -115,9 +116,11 @@ class _ShardSink:
         scratch = getattr(self.local, "buffer", None)
         if scratch is None:
             scratch = self.local.buffer = np.empty(CHUNK_BYTES, np.uint8)
-        n = write_slot(self.fd, self.slots[name], array, start, scratch)
+        slot = self.slots[name]
+        n = write_slot(self.fd, slot, array, start, scratch)
         with self.lock:
             self.written[name] += n
+        self.flusher.wrote(0, n * slot.dtype.itemsize)
 
     def finish_tensor(self, name: str) -> None:
         if self.written[name] < self.slots[name].spec.numel:
@@ -146,13 +149,16 @@ def write_shard(task: ShardTask, run: Execution) -> ShardResult:
     final = Path(task.path)
     tmp = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    flusher = Flusher([fd])
     try:
         os.ftruncate(fd, task.size)
         pwrite_all(fd, memoryview(task.header), 0)
         jobs = continued_jobs(task.items, task.stats, task.skips, run)
-        Runner(task.items, _ShardSink(fd, task.slots), _local(run)).execute(jobs)
+        Runner(task.items, _ShardSink(fd, task.slots, flusher), _local(run)).execute(jobs)
+        flusher.close()
         os.fsync(fd)
     except BaseException:
+        flusher.stop()
         os.close(fd)
         tmp.unlink(missing_ok=True)
         raise

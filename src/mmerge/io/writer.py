@@ -17,6 +17,7 @@ import numpy as np
 from mmerge.errors import InvalidInput, MmergeError
 from mmerge.io.checkpoint import INDEX_NAME, SUFFIX
 from mmerge.io.dtypes import DTYPES, to_storage
+from mmerge.io.flusher import Flusher
 from mmerge.io.header import check_metadata
 from mmerge.io.journal import Journal, input_identity
 from mmerge.io.layout import (
@@ -89,6 +90,7 @@ class StreamingWriter:
         self._lock = threading.Lock()
         self._scratch = threading.local()  # per-thread conversion buffer, reused across writes
         self._fds: list[int] = []
+        self._flusher: Flusher | None = None
         self._written = dict.fromkeys(self._slots, 0)
         self._done = False
         finished = self._journal.load() if resume else None
@@ -101,6 +103,7 @@ class StreamingWriter:
                 self._open_existing()
             else:
                 self._create()
+            self._flusher = Flusher(self._fds)
             self._journal.start(
                 [s.name for s in self.specs if s.name in self._finished], self._digests
             )
@@ -199,6 +202,7 @@ class StreamingWriter:
             raise _disk_error(exc, self.output, self._bytes_needed()) from None
         with self._lock:
             self._written[name] += n
+        self._flusher.wrote(slot.shard, n * slot.dtype.itemsize)
 
     def finish_tensor(self, name: str) -> None:
         """Mark `name` completely written: it is recorded in the journal and skipped on resume."""
@@ -288,6 +292,7 @@ class StreamingWriter:
         try:
             if self.layout == "folder":
                 self._write_index()
+            self._flusher.close()
             for fd in self._fds:
                 os.fsync(fd)
         except OSError as exc:
@@ -326,6 +331,8 @@ class StreamingWriter:
         self._done = True
 
     def _close_files(self) -> None:
+        if self._flusher is not None:
+            self._flusher.stop()
         while self._fds:
             os.close(self._fds.pop())
 

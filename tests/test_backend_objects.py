@@ -303,9 +303,14 @@ def test_compress_and_kth_largest(name):
     values, index = on.compress(on.from_host(host), on.from_host(host > 4))
     assert B.to_host(values).tolist() == [5, 7, 7, 9]
     assert B.to_host(index).tolist() == [0, 2, 3, 5]
-    for k, want in [(1, 9), (2, 7), (3, 7), (4, 5), (6, 1)]:
+    for k, want in [(1, (9, 0, 1)), (2, (7, 1, 2)), (3, (7, 1, 2)), (4, (5, 3, 1)), (6, (1, 5, 1))]:
         assert on.kth_largest(on.from_host(host.copy()), k) == want
-    assert on.kth_largest(on.from_host(np.array([0.5, 2.5, 1.0], np.float32)), 2) == 1.0
+    floats = np.array([0.5, 2.5, 1.0, 1.0, 0.5], np.float32)
+    assert on.kth_largest(on.from_host(floats), 3) == (1.0, 1, 2)
+    ties = np.repeat(np.arange(50, dtype=np.int32), 7)[::-1].copy()  # partition meets many ties
+    for k in (1, 100, 175, 350):
+        t = 49 - (k - 1) // 7
+        assert on.kth_largest(on.from_host(ties.copy()), k) == (t, 7 * (49 - t), 7)
 
 
 @pytest.mark.parametrize("name", LOCAL)

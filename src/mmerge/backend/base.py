@@ -4,8 +4,8 @@ device, with portable array-API defaults that each library's subclass replaces b
 - `from_stored(raw, dtype)`: stored bytes (BF16, F16, F8 bits as read from a checkpoint) to a
   compute-dtype array on the device, widened there; `from_host` / `to_host` move numpy arrays.
 - `float_bits`, `digits`, `bincount`, `compress`, `kth_largest`: the integer view of floats,
-  its 16-bit digits, counting them, gathering entries, and the k-th value at once, for exact
-  selections; `ranks` for rank-based ones.
+  its 16-bit digits, counting them, gathering entries, and the k-th value with the counts
+  around it, for exact selections; `ranks` for rank-based ones.
 - `keep_mask`: the counter-based random bits of `backend.rng`.
 - `settle`: a measurement computed in the thread that made it (lazy libraries); `all_finite`;
   `threads`: the library's own thread pool sized beside the engine's.
@@ -173,11 +173,16 @@ class Backend:
         index = np.flatnonzero(self.to_host(where))
         return self.from_host(self.to_host(x)[index]), self.from_host(index)
 
-    def kth_largest(self, a: Array, k: int) -> int | float:
-        """The k-th largest value (1 <= k <= n) of the flat array `a` (integers or floats), as
-        a Python number. `a` is scratch: it may be reordered."""
-        value = self.xp.sort(a)[a.shape[0] - k]
-        return int(value) if self.xp.isdtype(value.dtype, "integral") else float(value)
+    def kth_largest(self, a: Array, k: int) -> tuple[int | float, int, int]:
+        """The k-th largest value t (1 <= k <= n) of the flat array `a` (integers or floats),
+        as a Python number, with how many entries lie above t and how many equal it. `a` is
+        scratch: it may be reordered."""
+        xp = self.xp
+        value = xp.sort(a)[a.shape[0] - k]
+        above = int(xp.count_nonzero(a > value))
+        equal = int(xp.count_nonzero(a == value))
+        number = int(value) if xp.isdtype(value.dtype, "integral") else float(value)
+        return number, above, equal
 
     def ranks(self, a: Array, axis: int) -> Array:
         """The ascending rank (0 .. n-1, int64) of each entry of the non-negative float array
@@ -195,6 +200,16 @@ class Backend:
     def array_device(self):
         """The device argument this library's array constructors take (None: none)."""
         return None
+
+
+def partitioned_kth(xp, a: Array, k: int) -> tuple[int | float, int, int]:
+    """`Backend.kth_largest` of `a` partitioned at n - k: the entries after it are >= it and
+    those before <= it, so the counts take one comparison per entry, not two."""
+    n = a.shape[0]
+    t = a[n - k]
+    above = int(xp.count_nonzero(a[n - k + 1 :] > t))
+    below = int(xp.count_nonzero(a[: n - k] < t))
+    return t.item(), above, n - above - below
 
 
 def check_host(host: Any) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmerge.backend.base import Array, Backend, check_host
+from mmerge.backend.base import Array, Backend, check_host, partitioned_kth
 from mmerge.backend.torch_backend import cuda_index
 from mmerge.io.dtypes import DTYPES, DType, widen_to_float32
 
@@ -79,10 +79,9 @@ class CupyBackend(Backend):
         index = cupy.flatnonzero(where)
         return x.reshape(-1)[index], index
 
-    def kth_largest(self, a: Array, k: int) -> int | float:
-        n = a.shape[0]
-        a.partition(n - k)
-        return a[n - k].item()
+    def kth_largest(self, a: Array, k: int) -> tuple[int | float, int, int]:
+        a.partition(a.shape[0] - k)
+        return partitioned_kth(self.xp, a, k)
 
     def array_device(self):
         return self._device()

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from mmerge.backend.base import Array, Backend, check_host
+from mmerge.backend.base import Array, Backend, check_host, partitioned_kth
 from mmerge.io.dtypes import DType
 
 
@@ -79,11 +79,10 @@ class MlxBackend(Backend):
 
         return x.view(mx.int32 if x.dtype.size == 4 else mx.int64)
 
-    def kth_largest(self, a: Array, k: int) -> int | float:
+    def kth_largest(self, a: Array, k: int) -> tuple[int | float, int, int]:
         import mlx.core as mx
 
-        n = a.shape[0]
-        return mx.partition(a, n - k)[n - k].item()
+        return partitioned_kth(self.xp, mx.partition(a, a.shape[0] - k), k)
 
 
 def _collect(value: Any, kind: type, out: list) -> None:

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from mmerge.backend import rng
-from mmerge.backend.base import Array, Backend, check_host
+from mmerge.backend.base import Array, Backend, check_host, partitioned_kth
 
 _L2_BLOCK = 1 << 16  # uint32 entries hashed at a time: the temporaries stay in the L2 cache
 LONG_ROW = 128  # rows at least this long are inverted row by row (see _invert)
@@ -49,10 +49,9 @@ class NumpyBackend(Backend):
         index = np.flatnonzero(where)
         return x[index], index
 
-    def kth_largest(self, a: Array, k: int) -> int | float:
-        n = a.shape[0]
-        a.partition(n - k)  # in place: no copy of a whole tensor's statistic
-        return a[n - k].item()
+    def kth_largest(self, a: Array, k: int) -> tuple[int | float, int, int]:
+        a.partition(a.shape[0] - k)  # in place: no copy of a whole tensor's statistic
+        return partitioned_kth(np, a, k)
 
     def ranks(self, a: Array, axis: int) -> Array:
         if a.dtype != np.float32:

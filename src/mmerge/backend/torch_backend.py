@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from mmerge.backend import rng
-from mmerge.backend.base import Array, Backend, check_host
+from mmerge.backend.base import Array, Backend, check_host, partitioned_kth
 from mmerge.io.dtypes import DType
 
 _SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
@@ -171,15 +171,15 @@ class TorchBackend(Backend):
         index = torch.nonzero(where.reshape(-1)).reshape(-1)
         return x.reshape(-1)[index], index
 
-    def kth_largest(self, a: Array, k: int) -> int | float:
+    def kth_largest(self, a: Array, k: int) -> tuple[int | float, int, int]:
         import torch
 
         if a.device.type == "cpu":  # numpy's partition in place, on the same memory
-            n = a.shape[0]
             host = a.numpy()
-            host.partition(n - k)
-            return host[n - k].item()
-        return torch.topk(a, k, sorted=False).values.min().item()
+            host.partition(host.shape[0] - k)
+            return partitioned_kth(np, host, k)
+        t = torch.topk(a, k, sorted=False).values.min()
+        return t.item(), int(torch.count_nonzero(a > t)), int(torch.count_nonzero(a == t))
 
     def ranks(self, a: Array, axis: int) -> Array:
         import torch

@@ -332,9 +332,8 @@ class _Gather:
         for cut in cuts if isinstance(cuts, list) else [cuts]:
             if not cut.active:
                 continue
-            t = int(on.kth_largest(scratch, cut.rank))  # reorders scratch: counts still hold
-            higher = int(xp.count_nonzero(xp.greater(scratch, t)))
-            equal = int(xp.count_nonzero(xp.equal(scratch, t)))
+            t, higher, equal = on.kth_largest(scratch, cut.rank)  # reorders scratch
+            t = int(t)
             cut.prefix, cut.above, cut.rank = t, cut.above + higher, cut.rank - higher
             cut.within = equal
             _found(cut, equal, job.compute)

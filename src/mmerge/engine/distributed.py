@@ -149,8 +149,9 @@ def write_shard(task: ShardTask, run: Execution) -> ShardResult:
     final = Path(task.path)
     tmp = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-    flusher = Flusher([fd])
+    flusher = None
     try:
+        flusher = Flusher([fd])
         os.ftruncate(fd, task.size)
         pwrite_all(fd, memoryview(task.header), 0)
         jobs = continued_jobs(task.items, task.stats, task.skips, run)
@@ -158,7 +159,8 @@ def write_shard(task: ShardTask, run: Execution) -> ShardResult:
         flusher.close()
         os.fsync(fd)
     except BaseException:
-        flusher.stop()
+        if flusher is not None:
+            flusher.stop()
         os.close(fd)
         tmp.unlink(missing_ok=True)
         raise

@@ -546,7 +546,10 @@ def test_a_failed_write_back_fails_the_commit_and_keeps_the_partial_output(tmp_p
     commit, or the output would be renamed into place with bytes the disk lost."""
     monkeypatch.setattr(flusher_module, "FLUSH_BYTES", 100)
 
+    failed = threading.Event()
+
     def failing(fd):
+        failed.set()
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(flusher_module, "_sync", failing)
@@ -556,6 +559,7 @@ def test_a_failed_write_back_fails_the_commit_and_keeps_the_partial_output(tmp_p
         StreamingWriter(out, SPECS) as w,
     ):
         write_all(w)
+        assert failed.wait(5)  # the commit's own fsync would succeed: the error is the thread's
     assert leftovers(tmp_path) == ["m.safetensors.mmerge-journal", "m.safetensors.mmerge-partial"]
 
 
@@ -578,3 +582,17 @@ def test_an_abandoned_merge_does_not_wait_for_a_write_back_under_way(tmp_path, m
     assert time.monotonic() - begun < 1 and leftovers(tmp_path) == []
     release.set()
     assert eventually(lambda: open_fds() == before and not flushing())
+
+
+def test_scratch_files_are_not_written_back(tmp_path, syncs):
+    """A scratch file (LoRA extraction's stage) is deleted before any commit: resuming needs
+    only the page cache, so its bytes are never sent to the disk on purpose."""
+    from mmerge.io.adapter_writer import AdapterFolder
+
+    folder = AdapterFolder(tmp_path / "adapter")
+    scratch = folder.scratch("stage.safetensors", SPECS, {})
+    scratch.write("emb", values(SPECS[0]))
+    with StreamingWriter(tmp_path / "m.safetensors", SPECS, write_back=False) as w:
+        write_all(w)
+    assert not eventually(lambda: syncs, 0.3) and not flushing()
+    folder.close()

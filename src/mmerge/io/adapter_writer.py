@@ -79,6 +79,7 @@ class AdapterFolder:
             resume=self.resume,
             layout="file",
             overwrite=True,  # the partial folder is this writer's own
+            write_back=False,  # deleted at the commit: the page cache is enough for resume
         )
         self._scratch.append(writer)
         return writer

@@ -50,7 +50,9 @@ class StreamingWriter:
     output and journal for `resume=True`, and never puts anything under the final name.
     An existing output is replaced only with `overwrite=True`, and only once the new one is
     complete. `reserve_bytes` counts the files the caller will `add_file`, so that the space
-    check at the start covers everything written.
+    check at the start covers everything written. Files are written back to the disk while
+    tensors are written (see `Flusher`), except with `write_back=False`: scratch files deleted
+    before they are ever committed.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class StreamingWriter:
         layout: str | None = None,
         overwrite: bool = False,
         reserve_bytes: int = 0,
+        write_back: bool = True,
     ):
         self.output = Path(output)
         self.overwrite = overwrite
@@ -103,7 +106,8 @@ class StreamingWriter:
                 self._open_existing()
             else:
                 self._create()
-            self._flusher = Flusher(self._fds)
+            if write_back:
+                self._flusher = Flusher(self._fds)
             self._journal.start(
                 [s.name for s in self.specs if s.name in self._finished], self._digests
             )
@@ -202,7 +206,8 @@ class StreamingWriter:
             raise _disk_error(exc, self.output, self._bytes_needed()) from None
         with self._lock:
             self._written[name] += n
-        self._flusher.wrote(slot.shard, n * slot.dtype.itemsize)
+        if self._flusher is not None:
+            self._flusher.wrote(slot.shard, n * slot.dtype.itemsize)
 
     def finish_tensor(self, name: str) -> None:
         """Mark `name` completely written: it is recorded in the journal and skipped on resume."""
@@ -292,7 +297,8 @@ class StreamingWriter:
         try:
             if self.layout == "folder":
                 self._write_index()
-            self._flusher.close()
+            if self._flusher is not None:
+                self._flusher.close()
             for fd in self._fds:
                 os.fsync(fd)
         except OSError as exc:

@@ -24,6 +24,7 @@ from mmerge.io import flusher as flusher_module
 from mmerge.io import journal as journal_module
 from mmerge.io import output_path as output_path_module
 from mmerge.io import writer as writer_module
+from mmerge.io.adapter_writer import AdapterFolder
 
 SPECS = [
     TensorSpec("emb", "F32", (10, 4)),
@@ -545,7 +546,6 @@ def test_a_failed_write_back_fails_the_commit_and_keeps_the_partial_output(tmp_p
     """The kernel reports a write-back error to one sync only: the thread's must reach the
     commit, or the output would be renamed into place with bytes the disk lost."""
     monkeypatch.setattr(flusher_module, "FLUSH_BYTES", 100)
-
     failed = threading.Event()
 
     def failing(fd):
@@ -587,8 +587,6 @@ def test_an_abandoned_merge_does_not_wait_for_a_write_back_under_way(tmp_path, m
 def test_scratch_files_are_not_written_back(tmp_path, syncs):
     """A scratch file (LoRA extraction's stage) is deleted before any commit: resuming needs
     only the page cache, so its bytes are never sent to the disk on purpose."""
-    from mmerge.io.adapter_writer import AdapterFolder
-
     folder = AdapterFolder(tmp_path / "adapter")
     scratch = folder.scratch("stage.safetensors", SPECS, {})
     scratch.write("emb", values(SPECS[0]))

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import click
 
-from mmerge.analyze.scan import analyze as run_analysis
-
 
 class _ProgressBar:
     """A stderr progress bar, made at the first update: tqdm starts a monitor thread, and
@@ -78,6 +76,8 @@ def analyze(
         pyplot()
         if not Path(plot_path).resolve().parent.is_dir():
             raise click.BadParameter(f"folder of {plot_path} does not exist", param_hint="--plot")
+    from mmerge.analyze.scan import analyze as run_analysis  # numpy: not for `mmerge --help`
+
     bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
     try:
         result = run_analysis(

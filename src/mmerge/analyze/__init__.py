@@ -5,18 +5,13 @@ command, does not import numpy and the reader."""
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from mmerge.lazy import attributes
 
 if TYPE_CHECKING:
     from mmerge.analyze.result import AnalysisResult
     from mmerge.analyze.scan import analyze
 
 __all__ = ["AnalysisResult", "analyze"]
-_WHERE = {"AnalysisResult": "result", "analyze": "scan"}
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"mmerge.analyze.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'mmerge.analyze' has no attribute {name!r}")
+__getattr__ = attributes(__name__, {"AnalysisResult": "result", "analyze": "scan"})

@@ -12,10 +12,11 @@ This package is the only place that imports Optuna, and only when a search or a 
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import Any
+
+from mmerge.lazy import attributes
 
 _WHERE = {
     "evolve": "api",
@@ -29,12 +30,7 @@ _WHERE = {
     "StudySummary": "summary",
 }
 __all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'mmerge.evolve' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"mmerge.evolve.{_WHERE[name]}"), name)
+__getattr__ = attributes(__name__, _WHERE)
 
 
 class _CallableModule(types.ModuleType):

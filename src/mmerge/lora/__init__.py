@@ -6,20 +6,9 @@ package imports none of them until used, and never PEFT or torch.
 
 from __future__ import annotations
 
+from mmerge.lazy import attributes
+
 __all__ = ["apply", "combine", "extract"]
-
-
-def __getattr__(name: str):
-    if name == "apply":
-        from mmerge.lora.applying import apply
-
-        return apply
-    if name == "combine":
-        from mmerge.lora.combining import combine
-
-        return combine
-    if name == "extract":
-        from mmerge.lora.extracting import extract
-
-        return extract
-    raise AttributeError(f"module 'mmerge.lora' has no attribute {name!r}")
+__getattr__ = attributes(
+    __name__, {"apply": "applying", "combine": "combining", "extract": "extracting"}
+)

@@ -15,7 +15,11 @@ class MlxBackend(Backend):
     name = "mlx"
     module = "mlx.core"
     install = 'pip install "mmerge[mlx]"'
-    chunk_elements = 1 << 21
+
+    def __init__(self, device: str | None = None) -> None:
+        super().__init__(device)
+        if self.device == "gpu":
+            self.chunk_elements = 1 << 21  # 8 MiB of float32 per input: fewer, longer dispatches
 
     @classmethod
     def device_problem(cls, mx, device: str) -> str:
@@ -59,9 +63,7 @@ class MlxBackend(Backend):
         numpy's."""
         if self.device != "cpu":
             return super().all_finite(x)
-        from mmerge.backend import get
-
-        return get("numpy").all_finite(np.asarray(x))
+        return _numpy().all_finite(np.asarray(x))
 
     def settle(self, value: Any) -> Any:
         """MLX computes lazily, on a stream of the thread that built the graph: evaluated
@@ -80,9 +82,40 @@ class MlxBackend(Backend):
         return x.view(mx.int32 if x.dtype.size == 4 else mx.int64)
 
     def kth_largest(self, a: Array, k: int) -> tuple[int | float, int, int]:
+        """On the CPU, numpy's partition of a copy (MLX arrays are immutable): 7x faster than
+        MLX's partition of 11.5M entries, copy included."""
         import mlx.core as mx
 
+        if self.device == "cpu":
+            return _numpy().kth_largest(np.array(a), k)
         return partitioned_kth(self.xp, mx.partition(a, a.shape[0] - k), k)
+
+    def ranks(self, a: Array, axis: int) -> Array:
+        """On the CPU, numpy's one sort of keys on a view of the array's memory: 10x faster
+        than MLX's two argsorts."""
+        if self.device != "cpu":
+            return super().ranks(a, axis)
+        import mlx.core as mx
+
+        return mx.array(_numpy().ranks(np.asarray(a), axis))
+
+    def keep_mask(self, n: int, threshold, keys: tuple[int, int], start: int = 0) -> Array:
+        """On the CPU, numpy's uint32 form (16x faster than MLX's int64 arithmetic), copied in
+        as bytes."""
+        if self.device != "cpu":
+            return super().keep_mask(n, threshold, keys, start)
+        import mlx.core as mx
+
+        cut = threshold if isinstance(threshold, int) else np.asarray(threshold)
+        return mx.array(_numpy().keep_mask(n, cut, keys, start))
+
+
+def _numpy() -> Backend:
+    """The numpy backend, whose kernels MLX's CPU build borrows where they are many times
+    faster."""
+    from mmerge.backend import get
+
+    return get("numpy")
 
 
 def _collect(value: Any, kind: type, out: list) -> None:

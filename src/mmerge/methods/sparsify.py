@@ -207,38 +207,56 @@ def _della_granule(job: Job) -> int:
 
 def _della_probability(job: Job, chunk: Chunk, i: int, delta: Array) -> float | Array:
     """(density - eps) + 2 eps rank / (n - 1), rank the ascending |delta| rank along axis 1
-    (lower index first among equals); density itself for rows of one entry. Ranked once per
-    chunk (the drop and the inverse_density rescale share it)."""
-    key = ("della.probability", i)
-    if key not in chunk.memo:
-        chunk.memo[key] = _rank_probability(job, chunk, i, delta)
-    return chunk.memo[key]
-
-
-def _rank_probability(job: Job, chunk: Chunk, i: int, delta: Array) -> float | Array:
-    xp = chunk.xp
-    density, epsilon = job.params["density"][i], job.params["epsilon"][i]
-    if len(job.shape) >= 2:
-        lines = (-1, job.shape[1], _della_granule(job) // job.shape[1])
-    else:
-        lines = (1, chunk.size, 1)
-    n = lines[1]
-    if n == 1:
-        return density
-    rank = backend.of(delta).ranks(xp.abs(xp.reshape(delta, lines)), axis=1)
-    rank = xp.astype(rank, delta.dtype) / (n - 1)
-    prob = xp.clip((density - epsilon) + (rank * 2.0) * epsilon, 0.0, 1.0)
-    return xp.reshape(prob, (-1,))
+    (lower index first among equals); density itself for rows of one entry."""
+    tables = _della_tables(job, chunk, i, delta)
+    if tables is None:
+        return job.params["density"][i]
+    return chunk.xp.take(tables[0], _della_rank(job, chunk, i, delta))
 
 
 def _della_keep(job: Job, chunk: Chunk, i: int, delta: Array) -> Array:
-    xp = chunk.xp
-    prob = _della_probability(job, chunk, i, delta)
-    if isinstance(prob, float):
-        cut: int | Array = rng.keep_threshold(prob)
+    tables = _della_tables(job, chunk, i, delta)
+    if tables is None:
+        cut: int | Array = rng.keep_threshold(job.params["density"][i])
     else:
-        cut = xp.astype(xp.floor(prob * float(1 << rng.BITS)), xp.int64)
+        cut = chunk.xp.take(tables[1], _della_rank(job, chunk, i, delta))
     return backend.of(delta).keep_mask(chunk.size, cut, _keys(job, i), chunk.start)
+
+
+def _della_lines(job: Job, chunk: Chunk) -> tuple[int, int, int]:
+    """The chunk as (rows, n, trailing): ranks run along the n entries of axis 1."""
+    if len(job.shape) >= 2:
+        return (-1, job.shape[1], _della_granule(job) // job.shape[1])
+    return (1, chunk.size, 1)
+
+
+def _della_rank(job: Job, chunk: Chunk, i: int, delta: Array) -> Array:
+    """The flat ranks of model i's |delta| on the chunk, found once per chunk (the drop and the
+    inverse_density rescale share them)."""
+    key = ("della.rank", i)
+    if key not in chunk.memo:
+        xp = chunk.xp
+        lines = xp.abs(xp.reshape(delta, _della_lines(job, chunk)))
+        chunk.memo[key] = xp.reshape(backend.of(delta).ranks(lines, axis=1), (-1,))
+    return chunk.memo[key]
+
+
+def _della_tables(job: Job, chunk: Chunk, i: int, delta: Array) -> tuple[Array, Array] | None:
+    """(keep probability, keep cut of `backend.rng`) of each rank 0 .. n-1, so that each entry
+    looks its own up by rank: the same arithmetic, on n values rather than on every entry.
+    None for rows of one entry."""
+    n = _della_lines(job, chunk)[1]
+    if n == 1:
+        return None
+    key = ("della.tables", i)
+    if key not in chunk.memo:
+        xp = chunk.xp
+        density, epsilon = job.params["density"][i], job.params["epsilon"][i]
+        rank = xp.astype(xp.arange(n, device=backend.device_of(delta)), delta.dtype) / (n - 1)
+        prob = xp.clip((density - epsilon) + (rank * 2.0) * epsilon, 0.0, 1.0)
+        cut = xp.astype(xp.floor(prob * float(1 << rng.BITS)), xp.int64)
+        chunk.memo[key] = (prob, cut)
+    return chunk.memo[key]
 
 
 RANK = Sparsifier(

@@ -134,6 +134,21 @@ def test_sum_and_prod_dtype_keyword_and_widening():
     assert xp.prod(mx.array(np.array([100, 100], np.int16))).item() == 10000
 
 
+def test_float_sums_on_the_cpu_are_numpys_pairwise_sums():
+    """The same bits as numpy's sum of the same memory, over any axes, views included."""
+    big = RNG.standard_normal((7, 1 << 16)).astype(np.float32)
+    m = mx.array(big)
+    for axis, keepdims in ((None, False), (1, False), (0, True), ((0, 1), False), (-1, True)):
+        got = host(xp.sum(m, axis=axis, keepdims=keepdims))
+        want = np.sum(big, axis=axis, keepdims=keepdims)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert np.array_equal(got, want)
+    assert np.array_equal(host(xp.sum(m[:, ::3], axis=1)), big[:, ::3].sum(axis=1))
+    wide = xp.asarray(big.astype(np.float64))
+    assert xp.sum(wide).dtype == mx.float64
+    assert host(xp.sum(wide)) == big.astype(np.float64).sum()
+
+
 def test_statistics_match_numpy():
     m = mx.array(A)
     close(xp.mean(m, axis=0), A.mean(axis=0))

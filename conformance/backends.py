@@ -23,6 +23,7 @@ class Backend:
     library: str
     device: str | None = None
     floats: tuple[str, ...] = ALL_FLOATS
+    subnormals: bool = True  # False: its kernels flush float32 subnormals to zero
 
     def available(self) -> tuple[bool, str]:
         """(True, '') or (False, why not), as mmerge's backend objects see it."""
@@ -73,7 +74,8 @@ BACKENDS = (
     Backend("mlx", "mlx"),
     Backend("jax", "jax", floats=("float16", "bfloat16", "float32")),
     Backend("torch-cuda", "torch", "cuda"),
-    Backend("cupy", "cupy", "cuda", floats=("float16", "float32", "float64")),
+    # CuPy compiles every kernel with -ftz=true (cupy/cuda/compiler.py)
+    Backend("cupy", "cupy", "cuda", floats=("float16", "float32", "float64"), subnormals=False),
 )
 BY_ID = {b.id: b for b in BACKENDS}
 REFERENCE = BY_ID["numpy"]

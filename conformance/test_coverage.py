@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from conformance.cases import CASES
+from conformance.run import Call, _float32_subnormals
+from conformance.strategies import Inputs
 from conformance.vectors import VECTOR_DIR, load
 from mmerge.methods import all_methods, get
 
@@ -33,3 +36,18 @@ def test_every_method_has_spec_vectors(name):
     path = VECTOR_DIR / f"{name}.json"
     assert path.exists(), f"no {path}; run `python conformance/make_vectors.py`"
     assert load(name)["cases"], f"{path} has no cases"
+
+
+def test_a_backend_that_flushes_subnormals_is_spared_only_float32_subnormals():
+    """CuPy's kernels flush float32 subnormals to zero: calls with one (an input entry or a float
+    parameter) are not drawn for it; float16's and normal values are."""
+
+    def call(x, **params):
+        return Call("linear", Inputs([np.asarray(x)], None, str(np.asarray(x).dtype)), params)
+
+    assert _float32_subnormals(call(np.float32([0.5, -3e-40])))
+    assert _float32_subnormals(call(np.float32([0.5]), weight=[1.5e-42]))
+    assert _float32_subnormals(call(np.float16([0.5]), **{"lambda": -1e-41}))
+    assert not _float32_subnormals(call(np.float32([0.5, 0.0, -1.2e-38]), weight=[0.0]))
+    assert not _float32_subnormals(call(np.float16([6e-8])))
+    assert not _float32_subnormals(call(np.float64([1e-310])))

@@ -238,7 +238,11 @@ def model_stock(models, base, *, filter_wise=False, **_):
     def vectors(x):
         return x if filter_wise and x.ndim >= 2 else x.reshape(1, -1)
 
-    offsets = [vectors(m - base) for m in models]
+    def unit_scaled(o):  # each vector over a power of two near its largest entry: no underflow
+        top = np.max(np.abs(o), axis=-1, keepdims=True)
+        return np.ldexp(o, -np.frexp(top)[1])
+
+    offsets = [unit_scaled(vectors(m - base)) for m in models]
     cosines = []
     for i in range(k):
         for j in range(i + 1, k):

@@ -315,6 +315,27 @@ def test_two_model_self_merges():
     assert np.array_equal(M.nearswap([A, A], t=0.5), A)
 
 
+@pytest.mark.parametrize(("tiny", "dtype"), [(1e-40, np.float32), (1e-310, np.float64)])
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_of_copies_with_subnormal_task_vectors_is_the_model(tiny, dtype, filter_wise):
+    # their squares underflow to 0 (or to a few bits) in the compute dtype, float64 included
+    base = np.zeros((3, 4), dtype)
+    model = (np.arange(1, 13).reshape(3, 4) * tiny).astype(dtype)
+    got = M.model_stock([model, model.copy()], base=base, filter_wise=filter_wise)
+    assert np.allclose(got, model, rtol=1e-5, atol=0), got
+
+
+def test_model_stock_cosine_of_subnormal_task_vectors():
+    # cos of (1, 1) and (1, 0) is 1/sqrt(2): t = 2c / (1 + c) = 0.8284..., tiny or not
+    base = np.zeros(2, np.float32)
+    for scale in (1.0, 1e-40):
+        a, b = (np.array(v, np.float64) * scale for v in ([1, 1], [1, 0]))
+        got = M.model_stock([a.astype(np.float32), b.astype(np.float32)], base=base)
+        t = 2 * 2**-0.5 / (1 + 2**-0.5)
+        want = t * (a + b) / 2
+        assert np.allclose(got / scale, want / scale, rtol=1e-3), (scale, got, want)
+
+
 def test_linear_is_symmetric():
     assert_close(M.linear([A, B, C], weight=[1, 2, 3]), M.linear([C, A, B], weight=[3, 1, 2]))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -115,3 +116,63 @@ def gram_matrix(total: np.ndarray, k: int) -> np.ndarray:
     g = np.zeros((k, k))
     g[np.triu_indices(k)] = total
     return g + np.triu(g, 1).T
+
+
+# -- cosines free of underflow -------------------------------------------------------------------
+
+# per compute dtype, (t, s): a block or row whose squares sum below 2**t may have lost products
+# to underflow; its entries times 2**s (exact) have normal products, and none overflows
+LIFTS = {"float32": (-80, 90), "float64": (-600, 566)}
+
+
+def lifted_gram_blocks(job: Job, chunk: Chunk, arrays: Sequence[Array]) -> Blocks:
+    """`gram_blocks`, with each block where a vector's squares sum below 2**t summed again with
+    that vector's entries times 2**s (spec/methods.md, model_stock): rows of each pair's sum
+    (lifted where it was), then how many of the pair's two vectors were lifted."""
+    xp, k = chunk.xp, len(arrays)
+    pairs = [(i, j) for i in range(k) for j in range(i, k)]
+    sums = gram_blocks(job, chunk, arrays).rows
+    lifted = np.zeros_like(sums)
+    threshold, lift = LIFTS[job.compute]
+    small = sums[:, [pairs.index((i, i)) for i in range(k)]] < 2.0**threshold
+    n = arrays[0].shape[0]
+    for b in map(int, np.flatnonzero(small.any(axis=1))):
+        part = slice(b * job.block, min(n, (b + 1) * job.block))
+        parts = [a[part] * 2.0**lift if small[b, i] else a[part] for i, a in enumerate(arrays)]
+        for col, (i, j) in enumerate(pairs):
+            if small[b, i] or small[b, j]:
+                value = float(xp.sum(parts[i] * parts[j]))
+                if math.isfinite(value):  # else a huge partner overflowed: keep the plain sum
+                    sums[b, col], lifted[b, col] = value, small[b, i] + small[b, j]
+    return Blocks(np.concatenate([sums, lifted], axis=1))
+
+
+def lifted_cosines(blocks: Blocks, k: int, compute: str) -> np.ndarray:
+    """The k x k cosines v_i.v_j / (|v_i||v_j|), clipped to [-1, 1], 0 where a norm is 0, from
+    `lifted_gram_blocks`: each total kept as a float64 mantissa and a power of two, so squared
+    norms beyond float64's range (float64 subnormal entries) still give their cosines."""
+    n = k * (k + 1) // 2
+    mantissa, exponent = np.frexp(blocks.rows[:, :n])
+    exponent = exponent - LIFTS[compute][1] * blocks.rows[:, n:].astype(np.int64)
+    none = np.iinfo(np.int64).min
+    top = np.max(np.where(mantissa != 0, exponent, none), axis=0, initial=none)
+    top = np.where(top == none, 0, top)
+    total = np.sum(np.ldexp(mantissa, exponent - top), axis=0)  # pair p is total[p] * 2**top[p]
+    m, e = gram_matrix(total, k), gram_matrix(top.astype(np.float64), k)
+    cos = np.zeros((k, k))
+    for i in range(k):
+        for j in range(k):
+            if m[i, i] > 0 and m[j, j] > 0:
+                scale = 2.0 ** (e[i, j] - (e[i, i] + e[j, j]) / 2)
+                cos[i, j] = min(1.0, max(-1.0, m[i, j] / math.sqrt(m[i, i] * m[j, j]) * scale))
+    return cos
+
+
+def lifted_rows(xp, rows: Array, compute: str) -> Array:
+    """`rows` (vectors along the last axis) with each whose squares sum below 2**t times 2**s:
+    the same directions, with no product lost to underflow."""
+    threshold, lift = LIFTS[compute]
+    small = xp.sum(rows * rows, axis=-1, keepdims=True) < 2.0**threshold
+    if not bool(xp.any(small)):
+        return rows
+    return rows * xp.where(small, as_array(xp, 2.0**lift, rows), as_array(xp, 1.0, rows))

@@ -2,13 +2,21 @@
 
 Flattened, the ratio needs the Gram matrix of the task vectors: one pass. Filter-wise, each
 vector along the last axis has its own ratio, computed within the chunk (chunks hold whole rows).
+Both compute their cosines free of underflow, so copies of a model with tiny task vectors have
+cosine 1.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from mmerge.methods._common import finite_chunk, gram_blocks, gram_matrix, model_sum
+from mmerge.methods._common import (
+    finite_chunk,
+    lifted_cosines,
+    lifted_gram_blocks,
+    lifted_rows,
+    model_sum,
+)
 from mmerge.methods.contract import Pass
 from mmerge.methods.registry import Param, register
 
@@ -25,18 +33,13 @@ def _ratio(xp, cos, k: int):
     return xp.where(degenerate, 0.0, k * cos / xp.where(degenerate, 1.0, denominator))
 
 
-def _mean_cosine(job, g: np.ndarray) -> float:
-    """The mean over pairs i < j of the clipped cosine of task vectors i and j (0 where either
-    is zero). The norm product is not clamped (mergekit clamps it at 1e-6), so copies of a model
-    with tiny task vectors still have cosine 1."""
-    norms = np.sqrt(np.maximum(np.diag(g), 0.0))
+def _mean_ratio(job, cos: np.ndarray) -> float:
+    """t from the mean over pairs i < j of the cosines of task vectors i and j. The norm product
+    is not clamped (mergekit clamps it at 1e-6), so copies of a model with tiny task vectors
+    still have cosine 1."""
     k = job.n_models
-    cosines = [_cosine(g[i, j], norms[i] * norms[j]) for i in range(k) for j in range(i + 1, k)]
+    cosines = [cos[i, j] for i in range(k) for j in range(i + 1, k)]
     return float(_ratio(np, np.float64(sum(cosines) / len(cosines)), k))
-
-
-def _cosine(dot: float, product: float) -> float:
-    return 0.0 if product == 0 else min(1.0, max(-1.0, dot / product))
 
 
 def _passes(job):
@@ -45,16 +48,17 @@ def _passes(job):
 
     def measure(job, chunk):
         finite_chunk(job, chunk)
-        return gram_blocks(job, chunk, chunk.deltas)
+        return lifted_gram_blocks(job, chunk, chunk.deltas)
 
     def finish(job, blocks):
-        return _mean_cosine(job, gram_matrix(blocks.total(), job.n_models))
+        return _mean_ratio(job, lifted_cosines(blocks, job.n_models, job.compute))
 
     return [Pass("ratio", measure, finish)]
 
 
-def _row_ratio(xp, offsets, k: int):
+def _row_ratio(xp, offsets, k: int, compute: str):
     """Per row (vectors along the last axis) of 2-D task vectors: the ratio t, shape (rows, 1)."""
+    offsets = [lifted_rows(xp, o, compute) for o in offsets]
     norms = [xp.linalg.vector_norm(o, axis=-1, keepdims=True) for o in offsets]
     cosines = []
     for i in range(k):
@@ -89,6 +93,6 @@ def model_stock(job, chunk):
         return t * average + (1.0 - t) * chunk.base
     finite_chunk(job, chunk)
     width = job.shape[-1]
-    t = _row_ratio(xp, [chunk.rows(d, width) for d in chunk.deltas], k)
+    t = _row_ratio(xp, [chunk.rows(d, width) for d in chunk.deltas], k, job.compute)
     mixed = t * chunk.rows(average, width) + (1.0 - t) * chunk.rows(chunk.base, width)
     return xp.reshape(mixed, (-1,))

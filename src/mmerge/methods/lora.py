@@ -91,12 +91,17 @@ def orthonormal(xp, y: Array) -> Array:
 
 def _float64(xp, y: Array):
     """xp.float64 when y's library computes in float64 on y's device, else None (MLX has it
-    only on its CPU, jax only with x64 enabled, torch not on Apple GPUs (mps), whatever its
-    dtype listing says: these keep Householder QR in float32)."""
+    only when its default device is the CPU, jax only with x64 enabled, torch not on Apple GPUs
+    (mps), whatever their dtype listings say: these keep Householder QR in float32)."""
     from mmerge.backend import device_of, library_name
 
-    device = device_of(y)
-    if library_name(y) not in WIDE_LIBRARIES or str(device).startswith("mps"):
+    device, name = device_of(y), library_name(y)
+    if name == "mlx":
+        import mlx.core as mx
+
+        if mx.default_device() != mx.cpu:
+            return None
+    elif name not in WIDE_LIBRARIES or str(device).startswith("mps"):
         return None
     return xp.float64 if "float64" in xp.__array_namespace_info__().dtypes(device=device) else None
 
@@ -164,9 +169,17 @@ def _split(xp, left_basis: Array, s: Array, right_basis: Array, rank: int) -> Lo
 
 def recompress(xp, left: Array, right: Array, rank: int) -> LowRank:
     """The best rank-`rank` approximation of `left @ right` without forming it: thin QR of
-    both stacked factors, SVD of the small core r_left @ r_right^T, truncation."""
+    both stacked factors, SVD of the small core r_left @ r_right^T, truncation. In float64
+    where the backend has it (numpy's linear algebra widens float32 so): stacked factors that
+    cancel lose digits to float32 QR in proportion to their conditioning."""
     if rank < 1:
         raise InvalidInput(f"rank must be at least 1, got {rank}")
+    wide = _float64(xp, left)
+    if wide is not None and left.dtype != wide:
+        low = recompress(xp, xp.astype(left, wide), xp.astype(right, wide), rank)
+        return LowRank(
+            *(xp.astype(a, left.dtype) for a in (low.left, low.right, low.singular_values))
+        )
     q_left, r_left = xp.linalg.qr(left)
     q_right, r_right = xp.linalg.qr(xp.matrix_transpose(right))
     u, s, vt = thin_svd(xp, xp.matmul(r_left, xp.matrix_transpose(r_right)))

@@ -8,6 +8,7 @@ import pytest
 from conformance.cases import CASES
 from conformance.run import Call, _float32_subnormals
 from conformance.strategies import Inputs
+from conformance.tolerance import assert_as_specified
 from conformance.vectors import VECTOR_DIR, load
 from mmerge.methods import all_methods, get
 
@@ -51,3 +52,13 @@ def test_a_backend_that_flushes_subnormals_is_spared_only_float32_subnormals():
     assert not _float32_subnormals(call(np.float32([0.5, 0.0, -1.2e-38]), weight=[0.0]))
     assert not _float32_subnormals(call(np.float16([6e-8])))
     assert not _float32_subnormals(call(np.float64([1e-310])))
+
+
+def test_among_subnormals_the_tolerance_is_absolute():
+    """Below float32's smallest normal number every operation rounds to a multiple of the
+    smallest subnormal: one such unit is within the tolerance, losing the value is not."""
+    want = np.array([1e-40], np.float32)
+    one_unit = np.nextafter(want, np.float32(0))
+    assert_as_specified(one_unit, want, "float32", 1e-40, 1e-5, "one unit")
+    with pytest.raises(AssertionError, match="lost"):
+        assert_as_specified(np.zeros(1, np.float32), want, "float32", 1e-40, 2e-4, "lost")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from conformance.backends import REFERENCE
@@ -17,6 +17,7 @@ from mmerge.backend.rng import gaussian
 from mmerge.methods import lora
 
 RTOL = 2e-4  # float32 linear algebra, relative to the largest magnitude involved
+CANCELLING = 10.0  # |left| |right| / |left right| a float32-only backend's factors are held to
 
 
 @st.composite
@@ -83,6 +84,9 @@ def test_factors_are_the_reference_backends_factors(backend, factors):
     """Balanced, sign-fixed factors: the same matrices on every backend, not only the same
     product (the singular values of the drawn products are separated by a factor of 3)."""
     left, right = factors
+    if "float64" not in backend.floats:  # float32 QR of the factors: digits lost to cancelling
+        product = np.linalg.norm(left.astype(np.float64) @ right, 2)
+        assume(np.linalg.norm(left, 2) * np.linalg.norm(right, 2) <= CANCELLING * product)
     k = min(left.shape[1], left.shape[0], right.shape[1])
     got = lora.recompress(backend.xp, backend.put(left), backend.put(right), k)
     ref = lora.recompress(REFERENCE.xp, left, right, k)

@@ -7,9 +7,10 @@ vectors, properties); `assert_as_specified` states the suite's tolerance with it
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
-from conformance.strategies import as_f64
+from conformance.strategies import HOST_DTYPES, as_f64
 
 UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
 
@@ -73,7 +74,10 @@ def assert_as_specified(
     got: np.ndarray, want: np.ndarray, dtype: str, scale: float, rtol32: float, what: str = ""
 ) -> None:
     """The suite's comparison: an error of `rtol * scale` (scale: the largest input magnitude,
-    since cancellation makes errors relative to the operands) plus two units of rounding of the
-    output dtype at each expected value."""
+    since cancellation makes errors relative to the operands; at least the dtype's smallest
+    normal number, below which it has only absolute precision: every operation on subnormals
+    rounds to a multiple of the smallest) plus two units of rounding of the output dtype at each
+    expected value."""
     rtol = 2 * UNIT_ROUNDOFF[dtype]
+    scale = max(scale, float(ml_dtypes.finfo(HOST_DTYPES[dtype]).smallest_normal))
     assert_close(got, want, rtol=rtol, atol=rtol_for(dtype, rtol32), scale=scale, what=what)

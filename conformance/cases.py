@@ -9,6 +9,7 @@ are only valid together (DELLA's density and epsilon) or that are ill-conditione
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -127,6 +128,27 @@ def _away_from_lerp_switch(inputs: Inputs, params: dict[str, Any]) -> bool:
     return not bool((near_switch | near_antipodal | (np.minimum(n0, n1) < 1e-6)).any())
 
 
+def _votes_do_not_cancel(inputs: Inputs, params: dict[str, Any]) -> bool:
+    """ties, breadcrumbs_ties, sce with three or more models: no entry where the votes of two or
+    more of them (any may survive the trimming; plain or weighted) sum to within rounding of 0.
+    There the elected sign follows the order of the sum, which the models' order changes (two
+    votes add the same in either order)."""
+    k = len(inputs.models)
+    if k < 3 or inputs.base is None:
+        return True
+    deltas = [as_f64(m) - as_f64(inputs.base) for m in inputs.models]
+    weight = params.get("weight", 1.0)
+    weights = weight if isinstance(weight, list) else [weight] * k
+    rounding = 8 * (2.0**-53 if inputs.dtype == "float64" else 2.0**-24)
+    for votes in (deltas, [w * d for w, d in zip(weights, deltas)]):
+        for size in range(2, k + 1):
+            for subset in itertools.combinations(votes, size):
+                total, bulk = sum(subset), sum(np.abs(v) for v in subset)
+                if bool(np.any((bulk > 0) & (np.abs(total) <= rounding * bulk))):
+                    return False
+    return True
+
+
 @dataclass(frozen=True)
 class Conditioning:
     """What the registry's bounds alone cannot say about drawing a method's calls."""
@@ -152,6 +174,10 @@ CONDITIONING: dict[str, Conditioning] = {
     "della": Conditioning(_della, coupled=("density", "epsilon")),
     "della_linear": Conditioning(_della, coupled=("density", "epsilon")),
     "model_stock": Conditioning(well_posed=_ratio_is_finite),
+    # sign elections: a vote summing to about 0 elects by the order of the sum
+    "ties": Conditioning(well_posed=_votes_do_not_cancel),
+    "breadcrumbs_ties": Conditioning(well_posed=_votes_do_not_cancel),
+    "sce": Conditioning(well_posed=_votes_do_not_cancel),
 }
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from mmerge import backend
 from mmerge.errors import InvalidInput
-from mmerge.methods.contract import Blocks, Chunk, Job, Pass, block_dots
+from mmerge.methods.contract import Blocks, Chunk, Job, Pass, block_dots, block_rows
 
 Array = Any
 
@@ -126,25 +126,38 @@ LIFTS = {"float32": (-80, 90), "float64": (-600, 566)}
 
 
 def lifted_gram_blocks(job: Job, chunk: Chunk, arrays: Sequence[Array]) -> Blocks:
-    """`gram_blocks`, with each block where a vector's squares sum below 2**t summed again with
-    that vector's entries times 2**s (spec/methods.md, model_stock): rows of each pair's sum
-    (lifted where it was), then how many of the pair's two vectors were lifted."""
-    xp, k = chunk.xp, len(arrays)
+    """`gram_blocks`, with the blocks where a vector's squares sum below 2**t summed again with
+    that vector's entries there times 2**s (spec/methods.md, model_stock): rows of each pair's
+    sum (lifted where it was), then how many of the pair's two vectors were lifted."""
+    k = len(arrays)
     pairs = [(i, j) for i in range(k) for j in range(i, k)]
     sums = gram_blocks(job, chunk, arrays).rows
-    lifted = np.zeros_like(sums)
     threshold, lift = LIFTS[job.compute]
     small = sums[:, [pairs.index((i, i)) for i in range(k)]] < 2.0**threshold
-    n = arrays[0].shape[0]
-    for b in map(int, np.flatnonzero(small.any(axis=1))):
-        part = slice(b * job.block, min(n, (b + 1) * job.block))
-        parts = [a[part] * 2.0**lift if small[b, i] else a[part] for i, a in enumerate(arrays)]
-        for col, (i, j) in enumerate(pairs):
-            if small[b, i] or small[b, j]:
-                value = float(xp.sum(parts[i] * parts[j]))
-                if math.isfinite(value):  # else a huge partner overflowed: keep the plain sum
-                    sums[b, col], lifted[b, col] = value, small[b, i] + small[b, j]
-    return Blocks(np.concatenate([sums, lifted], axis=1))
+    counts = np.stack([small[:, i].astype(np.float64) + small[:, j] for i, j in pairs], axis=1)
+    if small.any():
+        factors = np.where(small, 2.0**lift, 1.0).astype(job.compute)
+        lifted = [
+            _times_per_block(chunk.xp, a, factors[:, i], job.block) for i, a in enumerate(arrays)
+        ]
+        again = gram_blocks(job, chunk, lifted).rows
+        use = (counts > 0) & np.isfinite(again)  # not finite: a huge partner overflowed
+        sums, counts = np.where(use, again, sums), np.where(use, counts, 0.0)
+    return Blocks(np.concatenate([sums, counts], axis=1))
+
+
+def _times_per_block(xp, a: Array, factors: np.ndarray, block: int) -> Array:
+    """The flat `a` with the entries of block b times factors[b] (`a` itself where all are 1)."""
+    if np.all(factors == 1):
+        return a
+    f = backend.of(a).from_host(factors)
+    rows, tail = block_rows(xp, a, block)
+    parts = (
+        [] if rows is None else [xp.reshape(rows * xp.reshape(f[: rows.shape[0]], (-1, 1)), (-1,))]
+    )
+    if tail is not None:
+        parts.append(tail * f[-1])
+    return parts[0] if len(parts) == 1 else xp.concat(parts)
 
 
 def lifted_cosines(blocks: Blocks, k: int, compute: str) -> np.ndarray:
@@ -168,11 +181,13 @@ def lifted_cosines(blocks: Blocks, k: int, compute: str) -> np.ndarray:
     return cos
 
 
-def lifted_rows(xp, rows: Array, compute: str) -> Array:
-    """`rows` (vectors along the last axis) with each whose squares sum below 2**t times 2**s:
-    the same directions, with no product lost to underflow."""
+def lifted_rows(xp, rows: Array, compute: str) -> tuple[Array, Array]:
+    """(`rows`, their squares summed along the last axis), each row whose squares sum below 2**t
+    times 2**s: the same directions, with no product lost to underflow."""
     threshold, lift = LIFTS[compute]
-    small = xp.sum(rows * rows, axis=-1, keepdims=True) < 2.0**threshold
+    squares = xp.sum(rows * rows, axis=-1, keepdims=True)
+    small = squares < 2.0**threshold
     if not bool(xp.any(small)):
-        return rows
-    return rows * xp.where(small, as_array(xp, 2.0**lift, rows), as_array(xp, 1.0, rows))
+        return rows, squares
+    rows = rows * xp.where(small, as_array(xp, 2.0**lift, rows), as_array(xp, 1.0, rows))
+    return rows, xp.sum(rows * rows, axis=-1, keepdims=True)

@@ -58,8 +58,8 @@ def _passes(job):
 
 def _row_ratio(xp, offsets, k: int, compute: str):
     """Per row (vectors along the last axis) of 2-D task vectors: the ratio t, shape (rows, 1)."""
-    offsets = [lifted_rows(xp, o, compute) for o in offsets]
-    norms = [xp.linalg.vector_norm(o, axis=-1, keepdims=True) for o in offsets]
+    offsets, squares = zip(*(lifted_rows(xp, o, compute) for o in offsets))
+    norms = [xp.sqrt(s) for s in squares]
     cosines = []
     for i in range(k):
         for j in range(i + 1, k):
